@@ -1,0 +1,103 @@
+"""The ULD decoding rule: plausibility filter + logit difference, in pure torch.
+
+This is the exact semantics every other path (the vLLM engine, the Triton kernel) must reproduce.
+See ``uld_logits`` for the maths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MODES = ("generate", "score")
+
+
+def uld_logits(
+    target_logits: torch.Tensor,
+    assistant_logits: torch.Tensor,
+    *,
+    alpha: float | torch.Tensor = 1.0,
+    filter_ratio: float = 0.1,
+    mode: str = "generate",
+) -> torch.Tensor:
+    r"""Combine target and assistant logits the ULD way.
+
+    Shapes: ``target_logits`` and ``assistant_logits`` are ``[B, V]`` (any float dtype; the
+    computation is done in float32 and the result is float32 ``[B, V]``). ``alpha`` is a float
+    or a ``[B]`` tensor (one weight per row).
+
+    With ``l`` the target row, ``a`` the assistant row and ``r = filter_ratio``:
+
+    * **Plausibility filter** (``r > 0``). ``lp = log_softmax(l)``, ``k = max(1, floor(r*V))``,
+      ``thr = min(kth_largest(lp, k), max(lp) + ln r)``. Token ``v`` is *kept* iff
+      ``lp[v] >= thr``: the top-k tokens (all of them on a tie at the k-th place) plus every
+      token with ``p[v] >= r * p_max``.
+    * ``mode="generate"``: ``s[v] = l[v] - alpha * a[v]`` on kept tokens, ``-inf`` elsewhere, so
+      a masked token can never be chosen, greedy or sampled.
+    * ``mode="score"`` (teacher-forced probabilities, as the reference computes TOFU metrics):
+      ``s[v] = l[v] - alpha * a[v]`` on kept tokens and ``s[v] = l[v]`` on masked ones; the
+      caller takes a softmax over the full vocabulary.
+    * ``r == 0`` (no filter, both modes): ``s = log_softmax(l) - alpha * log_softmax(a)``.
+
+    Non-finite inputs (which vLLM never produces, but logits processors can): a token whose
+    target logit is ``-inf`` is never kept. A kept token whose assistant logit is ``-inf`` has
+    no defined difference when ``alpha != 0``; it is treated as masked (``-inf`` in generate
+    mode, the target logit in score mode). With ``alpha == 0`` the assistant is ignored
+    entirely. A row whose target logits are all ``-inf`` comes back all ``-inf`` (no NaN).
+    NaN and ``+inf`` inputs are not supported.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if target_logits.dim() != 2 or target_logits.shape != assistant_logits.shape:
+        raise ValueError(
+            "target_logits and assistant_logits must both be [B, V] with the same shape, got "
+            f"{tuple(target_logits.shape)} and {tuple(assistant_logits.shape)}"
+        )
+    if not 0.0 <= filter_ratio < 1.0:
+        raise ValueError(f"filter_ratio must be in [0, 1), got {filter_ratio}")
+    B, V = target_logits.shape
+    l = target_logits.float()
+    a = assistant_logits.float()
+    alpha_col = _alpha_column(alpha, B, l.device)
+
+    neg_inf = torch.tensor(float("-inf"), device=l.device)
+    target_ok = l > float("-inf")
+    # 0 * -inf is NaN: rows with alpha == 0 ignore the assistant, including its -inf entries.
+    assistant_bad = (a == float("-inf")) & (alpha_col != 0)
+
+    if filter_ratio == 0.0:
+        la = _safe_log_softmax(a)
+        la = torch.where(la == float("-inf"), torch.zeros_like(la), la)
+        s = _safe_log_softmax(l) - alpha_col * la
+        return torch.where(target_ok & ~assistant_bad, s, neg_inf)
+
+    a = torch.where(a == float("-inf"), torch.zeros_like(a), a)
+
+    lp = _safe_log_softmax(l)
+    k = max(1, math.floor(filter_ratio * V))
+    kth = torch.topk(lp, k, dim=-1).values[:, -1:]
+    thr = torch.minimum(kth, lp.max(dim=-1, keepdim=True).values + math.log(filter_ratio))
+    keep = (lp >= thr) & target_ok & ~assistant_bad
+    s = l - alpha_col * a
+    if mode == "generate":
+        return torch.where(keep, s, neg_inf)
+    return torch.where(keep, s, l)
+
+
+def _alpha_column(alpha: float | torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    if isinstance(alpha, torch.Tensor):
+        if alpha.dim() == 0:
+            alpha = alpha.reshape(1).expand(rows)
+        if alpha.shape != (rows,):
+            raise ValueError(f"alpha tensor must have shape [{rows}], got {tuple(alpha.shape)}")
+        return alpha.to(device=device, dtype=torch.float32).unsqueeze(-1)
+    return torch.full((rows, 1), float(alpha), device=device, dtype=torch.float32)
+
+
+def _safe_log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax that maps an all -inf row to all -inf instead of NaN."""
+    row_max = x.max(dim=-1, keepdim=True).values
+    empty = row_max == float("-inf")
+    out = torch.log_softmax(torch.where(empty, torch.zeros_like(x), x), dim=-1)
+    return torch.where(empty | (x == float("-inf")), torch.full_like(x, float("-inf")), out)
