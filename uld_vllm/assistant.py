@@ -26,12 +26,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def check_num_layers(num_layers: int, model_layers: int) -> None:
+    if not isinstance(num_layers, int) or not 0 < num_layers < model_layers:
+        raise UldError(f"the assistant needs 0 < K < {model_layers} layers, got K={num_layers}",
+                       f"choose --num-layers between 1 and {model_layers - 1}")
+
+
 def build_assistant(target: nn.Module, num_layers: int) -> nn.Module:
     """A ``type(target)`` model with ``num_layers`` layers whose tensors are the target's."""
-    n = len(decoder_layers(target))
-    if not isinstance(num_layers, int) or not 0 < num_layers < n:
-        raise UldError(f"the assistant needs 0 < K < {n} layers, got K={num_layers}",
-                       f"choose --num-layers between 1 and {n - 1}")
+    check_num_layers(num_layers, len(decoder_layers(target)))
     config = copy.deepcopy(target.config)
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None):
@@ -110,8 +113,13 @@ def save_adapter(peft_model, out_dir, *, base_model: str, target_config, alpha: 
     """
     import json
 
-    from uld_vllm.adapter import (PEFT_CONFIG_NAME, UldConfig, atomic_output_dir, load_adapter,
-                                  write_uld_config)
+    from uld_vllm.adapter import (
+        PEFT_CONFIG_NAME,
+        UldConfig,
+        atomic_output_dir,
+        load_adapter,
+        write_uld_config,
+    )
 
     num_layers = len(decoder_layers(peft_model.get_base_model()))
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:

@@ -160,10 +160,11 @@ def make_random_adapter(
     """
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from uld_vllm.assistant import build_assistant, lora_config, save_adapter
+    from uld_vllm.assistant import build_assistant, check_num_layers, lora_config, save_adapter
 
+    check_num_layers(num_layers, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
     target = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assistant = build_assistant(target, num_layers)
     peft_model = get_peft_model(assistant, lora_config(num_layers, r=rank))

