@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["uld_logits", "UldError", "__version__"]
+__all__ = ["LLM", "uld_logits", "UldError", "__version__"]
 
 
 def __getattr__(name):
@@ -11,6 +11,10 @@ def __getattr__(name):
         from uld_vllm.logits import uld_logits
 
         return uld_logits
+    if name == "LLM":
+        from uld_vllm.llm import LLM
+
+        return LLM
     if name == "UldError":
         from uld_vllm.errors import UldError
 

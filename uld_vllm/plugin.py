@@ -1,15 +1,16 @@
 """vLLM plugin entry point (``vllm.general_plugins``: ``uld = uld_vllm.plugin:register``).
 
 vLLM calls ``register()`` in every process it starts (API server, engine core, workers), so it
-must be cheap and idempotent: it only records ``"module:Class"`` strings in vLLM's model
-registry, and the model code is imported when an engine actually builds a ULD model.
+must be cheap and idempotent: it records ``"module:Class"`` strings in vLLM's model registry
+(the model code is imported only when an engine builds a ULD model) and adds the
+``--uld-*`` flags to vLLM's CLI parser.
 """
 
 from __future__ import annotations
 
-# vLLM architecture name -> "module:Class" of its ULD variant.
-ULD_ARCHITECTURES: dict[str, str] = {}
+from uld_vllm.engine.settings import ULD_ARCHITECTURES
 
+_MODEL_MODULE = "uld_vllm.engine.model"
 _registered = False
 
 
@@ -20,7 +21,10 @@ def register() -> None:
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())
-    for arch, target in ULD_ARCHITECTURES.items():
+    for arch in ULD_ARCHITECTURES.values():
         if arch not in supported:
-            ModelRegistry.register_model(arch, target)
+            ModelRegistry.register_model(arch, f"{_MODEL_MODULE}:{arch}")
+    from uld_vllm.engine.cli_args import patch_engine_args
+
+    patch_engine_args()
     _registered = True

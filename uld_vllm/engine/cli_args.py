@@ -1,0 +1,82 @@
+"""`--uld-adapter/--uld-alpha/--uld-filter-ratio/--uld-mode` on vLLM's own command line.
+
+vLLM loads general plugins at the top of ``AsyncEngineArgs.add_cli_args`` ("to update the
+parser"), which then calls ``EngineArgs.add_cli_args``: wrapping that static method adds the
+flags to ``vllm serve`` (and every other vLLM command that takes engine args). Wrapping
+``EngineArgs.from_cli_args`` turns them into ``hf_overrides`` + ``additional_config`` after
+validating the adapter, so a bad adapter stops the server before any engine starts, with one
+line. Every other flag passes through untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from uld_vllm.errors import UldError
+
+
+def add_uld_args(parser) -> None:
+    group = parser.add_argument_group(
+        "ULD (uld-vllm)", "Serve the model with a ULD unlearning adapter: tokens are sampled "
+        "from target - alpha * assistant after the plausibility filter.")
+    group.add_argument("--uld-adapter", default=None, metavar="DIR",
+                       help="ULD adapter folder written by `uld-vllm train`")
+    group.add_argument("--uld-alpha", type=float, default=None, metavar="A",
+                       help="weight of the assistant's logits (default: the adapter's)")
+    group.add_argument("--uld-filter-ratio", type=float, default=None, metavar="R",
+                       help="plausibility-filter ratio in [0, 1) (default: the adapter's)")
+    group.add_argument("--uld-mode", choices=["generate", "score"], default="generate",
+                       help="'score' keeps the target's logit on filtered-out tokens (TOFU "
+                            "scoring through prompt_logprobs); 'generate' masks them")
+
+
+def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
+    """Set the ULD model class and settings on ``engine_args`` from parsed ``--uld-*`` flags."""
+    from uld_vllm.engine.settings import engine_overrides
+
+    loose = [f for f in ("uld_alpha", "uld_filter_ratio") if getattr(args, f, None) is not None]
+    if not getattr(args, "uld_adapter", None):
+        if loose:
+            raise UldError(f"--{loose[0].replace('_', '-')} needs --uld-adapter",
+                           "pass --uld-adapter DIR or drop the ULD flags")
+        return
+    hf = engine_args.hf_overrides
+    if callable(hf):
+        raise UldError("--uld-adapter cannot be combined with a callable hf_overrides",
+                       "pass hf_overrides as a dict")
+    hf_overrides, additional = engine_overrides(
+        engine_args.model, args.uld_adapter, alpha=args.uld_alpha,
+        filter_ratio=args.uld_filter_ratio, mode=args.uld_mode, hf_overrides=hf,
+        additional_config=engine_args.additional_config, revision=engine_args.revision,
+        trust_remote_code=engine_args.trust_remote_code)
+    engine_args.hf_overrides = hf_overrides
+    engine_args.additional_config = additional
+
+
+def patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, "_uld_patched", False):
+        return
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+
+    def add_cli_args(parser, *a, **kw):
+        parser = original_add(parser, *a, **kw)
+        if not any(o == "--uld-adapter" for act in parser._actions for o in act.option_strings):
+            add_uld_args(parser)
+        return parser
+
+    def from_cli_args(cls, args: argparse.Namespace):
+        engine_args = original_from(cls, args)
+        try:
+            apply_uld_args(engine_args, args)
+        except UldError as exc:
+            print(f"uld-vllm: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        return engine_args
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs._uld_patched = True

@@ -1,0 +1,195 @@
+"""ULD model classes for vLLM: target + LoRA assistant in one model, one batch, one KV cache.
+
+Layout inside one vLLM model (N target layers, K assistant layers):
+
+* the assistant's layer ``i < K`` reuses target layer ``i``'s modules (norms, q/k/v/o,
+  gate/up/down, rotary) and adds only a LoRA delta and its own ``Attention`` named
+  ``uld_layers.{N+i}.attn``. That attention has the same KV spec as the target's, so vLLM puts
+  all N+K layers in one KV-cache group: one block table, one slot mapping, one scheduler entry
+  per request; prefix caching and chunked prefill work unchanged;
+* for layers ``< K`` the two streams are stacked along the token axis (``[target; assistant]``,
+  ``2T`` rows) so every base weight is read once per step; the LoRA delta goes to the assistant
+  rows only;
+* ``forward`` returns ``[T, 2H]`` (target and assistant final hidden states side by side) so the
+  runner's row selection (``hidden_states[logits_indices]``) keeps both streams aligned;
+* ``compute_logits`` runs the shared LM head once on ``[2n, H]`` and returns the ULD
+  distribution (``uld_logits``, generation semantics by default); vLLM's sampler then applies
+  temperature / top-p / top-k / seeds / logprobs to it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from uld_vllm.engine.combine import UldCombiner
+from uld_vllm.engine.lora import LoRALayer, load_lora_layer, lora_tensors, read_lora_settings
+from uld_vllm.engine.settings import UldSettings
+from uld_vllm.errors import UldError
+
+
+class UldAssistantLayer(nn.Module):
+    """Assistant layer ``i``: target layer ``i``'s base modules + LoRA + its own KV cache."""
+
+    def __init__(self, vllm_config, base_layer: nn.Module, rank: int, prefix: str):
+        super().__init__()
+        from vllm.distributed import get_tensor_model_parallel_world_size
+        from vllm.model_executor.layers.attention import Attention
+
+        # A tuple keeps the shared modules out of this module's children: their weights stay
+        # registered (and loaded, and counted) once, under the target's names.
+        self._base = (base_layer,)
+        sa = base_layer.self_attn
+        config = vllm_config.model_config.hf_config
+        tp = get_tensor_model_parallel_world_size()
+        if sa.total_num_kv_heads < tp:
+            raise UldError(f"tensor_parallel_size={tp} exceeds the model's "
+                           f"{sa.total_num_kv_heads} KV heads, which ULD cannot shard",
+                           f"use tensor_parallel_size <= {sa.total_num_kv_heads}")
+        self.lora = LoRALayer(
+            hidden=config.hidden_size,
+            q_size=sa.total_num_heads * sa.head_dim,
+            kv_size=sa.total_num_kv_heads * sa.head_dim,
+            intermediate=config.intermediate_size,
+            rank=rank,
+            prefix=f"{prefix}.lora",
+        )
+        t_attn = sa.attn
+        self.attn = Attention(
+            sa.num_heads, sa.head_dim, sa.scaling,
+            num_kv_heads=sa.num_kv_heads,
+            cache_config=vllm_config.cache_config,
+            quant_config=vllm_config.quant_config,
+            per_layer_sliding_window=t_attn.sliding_window,
+            prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, positions2: torch.Tensor, hs: torch.Tensor, res: torch.Tensor | None,
+                T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hs``/``res``: ``[2T, H]`` (target rows, then assistant rows)."""
+        base = self._base[0]
+        sa, mlp = base.self_attn, base.mlp
+        if res is None:
+            res, x = hs, base.input_layernorm(hs)
+        else:
+            x, res = base.input_layernorm(hs, res)
+
+        qkv, _ = sa.qkv_proj(x)
+        qkv[T:] += self.lora.qkv(x[T:])
+        q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
+        if getattr(sa, "qk_norm", False):
+            q = sa.q_norm(q.reshape(-1, sa.num_heads, sa.head_dim)).reshape(q.shape)
+            k = sa.k_norm(k.reshape(-1, sa.num_kv_heads, sa.head_dim)).reshape(k.shape)
+        q, k = sa.rotary_emb(positions2, q, k)
+        o_t = sa.attn(q[:T], k[:T], v[:T])
+        o_a = self.attn(q[T:], k[T:], v[T:])
+        out, _ = sa.o_proj(torch.cat([o_t, o_a]))
+        out[T:] += self.lora.o(o_a)
+
+        x, res = base.post_attention_layernorm(out, res)
+        gu, _ = mlp.gate_up_proj(x)
+        gu[T:] += self.lora.gate_up(x[T:])
+        act = mlp.act_fn(gu)
+        down, _ = mlp.down_proj(act)
+        down[T:] += self.lora.down(act[T:])
+        return down, res
+
+
+class UldCausalLMMixin:
+    """Turns a vLLM ``*ForCausalLM`` (Llama family, Qwen2) into its ULD variant."""
+
+    def _init_uld(self, vllm_config, prefix: str) -> None:
+        from vllm.distributed import get_pp_group
+        from vllm.model_executor.models.utils import maybe_prefix
+
+        from uld_vllm.adapter import load_adapter
+
+        if get_pp_group().world_size > 1:
+            raise UldError("ULD does not support pipeline parallelism",
+                           "use tensor parallelism (--tensor-parallel-size) instead")
+        self.uld_settings = UldSettings.from_vllm_config(vllm_config)
+        adapter = load_adapter(self.uld_settings.adapter)
+        config = vllm_config.model_config.hf_config
+        adapter.check_base(config, vllm_config.model_config.model)
+        self.uld_adapter = adapter
+        self.uld_rank, self.uld_scale = read_lora_settings(adapter.path)
+        n, k = config.num_hidden_layers, adapter.config.num_layers
+        self.uld_num_layers = k
+        base = maybe_prefix(prefix, "uld_layers")
+        # keys N+i give each assistant attention a unique layer index and module path
+        self.uld_layers = nn.ModuleDict({
+            str(n + i): UldAssistantLayer(vllm_config, self.model.layers[i], self.uld_rank,
+                                          prefix=f"{base}.{n + i}")
+            for i in range(k)
+        })
+        self.uld_combiner = UldCombiner(self.uld_settings)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        m = self.model
+        h = inputs_embeds if inputs_embeds is not None else m.embed_input_ids(input_ids)
+        T = h.shape[0]
+        hs, res = torch.cat([h, h]), None
+        positions2 = torch.cat([positions, positions])
+        for layer in self.uld_layers.values():
+            hs, res = layer(positions2, hs, res, T)
+        h_t, r_t = hs[:T], res[:T]
+        for layer in m.layers[self.uld_num_layers:]:
+            h_t, r_t = layer(positions, h_t, r_t)
+        normed, _ = m.norm(torch.cat([h_t, hs[T:]]), torch.cat([r_t, res[T:]]))
+        return torch.cat([normed[:T], normed[T:]], dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        n, h2 = hidden_states.shape
+        h = h2 // 2
+        both = torch.cat([hidden_states[:, :h], hidden_states[:, h:]])
+        logits = self.logits_processor(self.lm_head, both)
+        if logits is None:  # not the rank that samples
+            return None
+        return self.uld_combiner(logits[:n], logits[n:])
+
+    # vLLM's vocab-sharded sampling and local argmax see one logits shard at a time; ULD's
+    # filter needs the whole row, so those paths must not be taken (hasattr() -> False).
+    @property
+    def compute_logits_local(self):
+        raise AttributeError("ULD needs full-vocabulary logits")
+
+    @property
+    def get_top_tokens(self):
+        raise AttributeError("ULD needs full-vocabulary logits")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)
+        tensors = lora_tensors(self.uld_adapter.weights_file)
+        for key, layer in self.uld_layers.items():
+            i = int(key) - self.config.num_hidden_layers
+            loaded |= load_lora_layer(layer.lora, i, tensors, self.uld_scale,
+                                      prefix=f"uld_layers.{key}.lora")
+        return loaded
+
+
+def _uld_class(base_cls: type, name: str) -> type:
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        base_cls.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        self._init_uld(vllm_config, prefix)
+
+    return type(name, (UldCausalLMMixin, base_cls), {
+        "__init__": __init__, "__module__": __name__,
+        "__doc__": f"{base_cls.__name__} with a LoRA ULD assistant on its first K layers.",
+    })
+
+
+def _classes():
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+    from vllm.model_executor.models.mistral import MistralForCausalLM
+    from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+    return (_uld_class(LlamaForCausalLM, "UldLlamaForCausalLM"),
+            _uld_class(MistralForCausalLM, "UldMistralForCausalLM"),
+            _uld_class(Qwen2ForCausalLM, "UldQwen2ForCausalLM"))
+
+
+UldLlamaForCausalLM, UldMistralForCausalLM, UldQwen2ForCausalLM = _classes()

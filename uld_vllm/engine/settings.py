@@ -1,0 +1,106 @@
+"""How a ULD engine is configured: one ``additional_config["uld"]`` dict plus an architecture.
+
+The plain-vLLM form of a ULD engine is::
+
+    vllm.LLM(model, hf_overrides={"architectures": ["UldLlamaForCausalLM"]},
+             additional_config={"uld": {"adapter": "/abs/adapter_dir", "alpha": 0.8,
+                                        "filter_ratio": 0.01}})
+
+``engine_overrides`` builds both from an adapter folder after validating it against the model,
+so every entry point (``uld_vllm.LLM``, ``vllm serve --uld-adapter``) refuses bad input with one
+line before any engine process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from uld_vllm.errors import UldError
+
+# base architecture -> ULD architecture (registered lazily by uld_vllm.plugin)
+ULD_ARCHITECTURES = {
+    "LlamaForCausalLM": "UldLlamaForCausalLM",
+    "MistralForCausalLM": "UldMistralForCausalLM",
+    "Qwen2ForCausalLM": "UldQwen2ForCausalLM",
+}
+MODES = ("generate", "score")
+
+
+@dataclasses.dataclass(frozen=True)
+class UldSettings:
+    adapter: str
+    alpha: float
+    filter_ratio: float
+    mode: str = "generate"  # "score": masked tokens keep the target logit (TOFU scoring)
+    backend: str = "auto"   # "auto" | "torch" | "triton" (kernel issue)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> "UldSettings":
+        raw = (vllm_config.additional_config or {}).get("uld")
+        if not isinstance(raw, dict) or "adapter" not in raw:
+            raise UldError("a ULD model class was chosen but additional_config has no "
+                           "'uld': {'adapter': DIR}", "use uld_vllm.LLM(..., uld_adapter=DIR) "
+                           "or `vllm serve MODEL --uld-adapter DIR`")
+        from uld_vllm.adapter import load_adapter
+
+        cfg = load_adapter(raw["adapter"]).config
+        s = cls(adapter=str(raw["adapter"]),
+                alpha=float(raw.get("alpha", cfg.alpha)),
+                filter_ratio=float(raw.get("filter_ratio", cfg.filter_ratio)),
+                mode=str(raw.get("mode", "generate")),
+                backend=str(raw.get("backend", "auto")))
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise UldError(f"ULD mode {self.mode!r} is unknown", f"use one of {MODES}")
+        if not 0.0 <= self.filter_ratio < 1.0:
+            raise UldError(f"--uld-filter-ratio {self.filter_ratio} is out of range",
+                           "use a value in [0, 1), e.g. 0.1 or 0.01")
+        if self.alpha < 0:
+            raise UldError(f"--uld-alpha {self.alpha} is negative",
+                           "use alpha >= 0 (0 disables the assistant)")
+
+
+def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = None,
+                     filter_ratio: float | None = None, mode: str = "generate",
+                     hf_overrides: dict | None = None,
+                     additional_config: dict | None = None,
+                     revision: str | None = None,
+                     trust_remote_code: bool = False) -> tuple[dict, dict]:
+    """Validate ``adapter`` against ``model``; return (hf_overrides, additional_config)."""
+    from transformers import AutoConfig
+
+    from uld_vllm.adapter import load_adapter
+
+    ad = load_adapter(adapter)
+    try:
+        base = AutoConfig.from_pretrained(model, revision=revision,
+                                          trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UldError(f"cannot read the config of model {model!r} ({str(exc).splitlines()[0]})",
+                       "pass a local model folder or a hub id that is reachable") from None
+    ad.check_base(base, str(model))
+    archs = list(getattr(base, "architectures", None) or [])
+    arch = archs[0] if archs else ""
+    if arch not in ULD_ARCHITECTURES:
+        raise UldError(f"model {model!r} has architecture {arch or 'unknown'}, which ULD does "
+                       "not support", f"supported: {', '.join(ULD_ARCHITECTURES)}")
+    settings = UldSettings(
+        adapter=str(Path(adapter).resolve()),
+        alpha=ad.config.alpha if alpha is None else float(alpha),
+        filter_ratio=ad.config.filter_ratio if filter_ratio is None else float(filter_ratio),
+        mode=mode,
+    )
+    settings.validate()
+    hf = dict(hf_overrides or {})
+    if "architectures" in hf and hf["architectures"] != [ULD_ARCHITECTURES[arch]]:
+        raise UldError("--hf-overrides sets 'architectures', which --uld-adapter also sets",
+                       "drop 'architectures' from --hf-overrides")
+    hf["architectures"] = [ULD_ARCHITECTURES[arch]]
+    extra: dict[str, Any] = dict(additional_config or {})
+    extra["uld"] = {k: v for k, v in dataclasses.asdict(settings).items() if k != "backend"}
+    return hf, extra

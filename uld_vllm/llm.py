@@ -1,0 +1,31 @@
+"""``uld_vllm.LLM``: vLLM's offline ``LLM`` with a ULD adapter."""
+
+from __future__ import annotations
+
+import os
+
+
+def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
+        uld_alpha: float | None = None, uld_filter_ratio: float | None = None,
+        uld_mode: str = "generate", **vllm_kwargs):
+    """Build ``vllm.LLM(model, **vllm_kwargs)`` that decodes with ULD.
+
+    Returns vLLM's own ``LLM`` object (so ``generate``, ``chat``, ``SamplingParams``, outputs
+    are vLLM's). Without ``uld_adapter`` it is plain vLLM. Equivalent plain-vLLM form::
+
+        vllm.LLM(model, hf_overrides={"architectures": ["UldLlamaForCausalLM"]},
+                 additional_config={"uld": {"adapter": DIR, "alpha": A, "filter_ratio": R}})
+    """
+    import vllm
+
+    if uld_adapter is not None:
+        from uld_vllm.engine.settings import engine_overrides
+
+        hf, extra = engine_overrides(
+            model, uld_adapter, alpha=uld_alpha, filter_ratio=uld_filter_ratio, mode=uld_mode,
+            hf_overrides=vllm_kwargs.pop("hf_overrides", None),
+            additional_config=vllm_kwargs.pop("additional_config", None),
+            revision=vllm_kwargs.get("revision"),
+            trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
+        vllm_kwargs.update(hf_overrides=hf, additional_config=extra)
+    return vllm.LLM(model, **vllm_kwargs)
