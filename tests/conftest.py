@@ -44,3 +44,13 @@ def llama_adapter(tiny_llama, tmp_path_factory) -> Path:
     make_random_adapter(tiny_llama, out, num_layers=2, seed=3, scale=0.1, alpha=0.8,
                         filter_ratio=0.1)
     return out
+
+
+@pytest.fixture(scope="session")
+def qwen2_adapter(tiny_qwen2, tmp_path_factory) -> Path:
+    from uld_vllm.tiny import make_random_adapter
+
+    out = tmp_path_factory.mktemp("qwen2_adapter") / "adapter"
+    make_random_adapter(tiny_qwen2, out, num_layers=1, seed=4, scale=0.1, alpha=0.8,
+                        filter_ratio=0.1)
+    return out

@@ -177,6 +177,16 @@ class ReferenceDecoder:
         probs = torch.softmax(logits, dim=-1)
         return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
+    @torch.inference_mode()
+    def next_token_scores(self, prompt: Prompt, generated: Sequence[int],
+                          mode: str = "generate") -> torch.Tensor:
+        """Combined ULD scores ``[V]`` for the token after ``prompt + generated``."""
+        ids = self.encode(prompt) + [int(t) for t in generated]
+        inputs = {"input_ids": torch.tensor([ids], device=self._device())}
+        t_out, a_out = self._both(t=inputs, a=inputs)
+        a = a_out.logits[:, -1].float() if a_out is not None else None
+        return self.combine(t_out.logits[:, -1].float(), a, mode=mode)[0].cpu()
+
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
     def score(self, prompts: Sequence[Prompt], continuations: Sequence[Prompt], *,
