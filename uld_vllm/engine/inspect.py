@@ -16,11 +16,9 @@ def kv_cache_groups(worker) -> list[dict]:
 
 def _weight_numel(module) -> int:
     # CPU linears drop .weight after repacking it; the shard sizes are kept as attributes.
-    n_in = getattr(module, "input_size_per_partition", None)
-    n_out = getattr(module, "output_size_per_partition", None)
-    if n_in is not None and n_out is not None:
-        return int(n_in) * int(n_out)
-    return int(module.weight.numel())
+    n_in = getattr(module, "input_size_per_partition", module.input_size)
+    n_out = getattr(module, "output_size_per_partition", module.output_size)
+    return int(n_in) * int(n_out)
 
 
 def model_summary(model) -> dict:
