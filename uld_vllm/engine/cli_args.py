@@ -23,9 +23,9 @@ def add_uld_args(parser) -> None:
     group.add_argument("--uld-adapter", default=None, metavar="DIR",
                        help="ULD adapter folder written by `uld-vllm train`")
     group.add_argument("--uld-alpha", type=float, default=None, metavar="A",
-                       help="weight of the assistant's logits (default: the adapter's)")
+                       help="weight of the assistant's logits; unset: the adapter's alpha")
     group.add_argument("--uld-filter-ratio", type=float, default=None, metavar="R",
-                       help="plausibility-filter ratio in [0, 1) (default: the adapter's)")
+                       help="plausibility-filter ratio in [0, 1); unset: the adapter's")
     group.add_argument("--uld-mode", choices=["generate", "score"], default="generate",
                        help="'score' keeps the target's logit on filtered-out tokens (TOFU "
                             "scoring through prompt_logprobs); 'generate' masks them")
