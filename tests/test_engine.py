@@ -19,12 +19,15 @@ def greedy(**kw):
 
 @pytest.fixture(scope="module")
 def llama_run(tiny_llama, llama_adapter):
-    """One ULD engine (Llama, GQA, K=2, r=0.1, alpha=0.8); everything the tests read."""
+    """One ULD engine (Llama, GQA, K=2, r=0.1, alpha=0.8, dense assistant head); everything
+    the tests read."""
     from vllm import SamplingParams
 
     import uld_vllm
-    from uld_vllm.engine.inspect import kv_cache_groups, model_summary
+    from uld_vllm.engine.inspect import combiner_stats, kv_cache_groups, model_summary
 
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ULD_SPARSE_HEAD_FRACTION", "0")  # dense LM head for both streams
     llm = uld_vllm.LLM(str(tiny_llama), uld_adapter=str(llama_adapter), uld_alpha=0.8,
                        uld_filter_ratio=0.1, **ENGINE_KW)
     try:
@@ -43,8 +46,11 @@ def llama_run(tiny_llama, llama_adapter):
         run["kv_groups"] = llm.collective_rpc(kv_cache_groups)[0]
         run["summary"] = llm.apply_model(model_summary)[0]
         run["num_blocks"] = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+        run["stats"] = llm.apply_model(combiner_stats)[0]
     finally:
         shutdown(llm)
+        mp.undo()
+    assert run["stats"]["sparse"] == 0 and run["stats"]["dense"] > 0
     return run
 
 
@@ -65,23 +71,30 @@ def test_uld_engine_is_not_the_plain_target(llama_run, tiny_llama):
 
 
 @pytest.mark.parametrize("name", ["llama-r0.01-chunked", "qwen2-r0.1", "qwen2-r0.01-chunked"])
-def test_greedy_matches_reference_other_settings(name, request):
+def test_greedy_matches_reference_other_settings(name, request, monkeypatch):
     """Each (model, filter ratio), with prefix caching + a chunked-prefill budget of 16
-    tokens (smaller than the longest prompt) on the `-chunked` ones."""
+    tokens (smaller than the longest prompt) on the `-chunked` ones. The `-chunked` engines
+    also force the sparse assistant head (assistant logits for kept tokens only)."""
     import uld_vllm
+    from uld_vllm.engine.inspect import combiner_stats
 
     arch, r, *chunked = name.split("-")
     model = request.getfixturevalue("tiny_llama" if arch == "llama" else "tiny_qwen2")
     adapter = request.getfixturevalue(f"{arch}_adapter")
     ratio = float(r[1:])
     kw = dict(ENGINE_KW, **(CHUNKED_KW if chunked else {}))
+    if chunked:
+        monkeypatch.setenv("ULD_SPARSE_HEAD_FRACTION", "1.0")
     llm = uld_vllm.LLM(str(model), uld_adapter=str(adapter), uld_alpha=0.8,
                        uld_filter_ratio=ratio, **kw)
     try:
         first = llm.generate(PROMPTS, greedy(), use_tqdm=False)
         second = llm.generate(PROMPTS, greedy(), use_tqdm=False) if chunked else first
+        stats = llm.apply_model(combiner_stats)[0]
     finally:
         shutdown(llm)
+    if chunked:
+        assert stats["sparse"] > 0 and stats["dense"] == 0
     ref = ReferenceDecoder.load(model, adapter, alpha=0.8, filter_ratio=ratio)
     longest = max(len(ref.encode(p)) for p in PROMPTS)
     ties = assert_greedy_matches([o.outputs[0].token_ids for o in first], ref, PROMPTS, MAX_NEW)

@@ -60,29 +60,54 @@ def uld_logits(
     l = target_logits.float()
     a = assistant_logits.float()
     alpha_col = _alpha_column(alpha, B, l.device)
-
     neg_inf = torch.tensor(float("-inf"), device=l.device)
-    target_ok = l > float("-inf")
-    # 0 * -inf is NaN: rows with alpha == 0 ignore the assistant, including its -inf entries.
-    assistant_bad = (a == float("-inf")) & (alpha_col != 0)
 
     if filter_ratio == 0.0:
-        la = _safe_log_softmax(a)
-        la = torch.where(la == float("-inf"), torch.zeros_like(la), la)
-        s = _safe_log_softmax(l) - alpha_col * la
-        return torch.where(target_ok & ~assistant_bad, s, neg_inf)
+        return _log_prob_difference(l, a, alpha_col, neg_inf)
 
-    a = torch.where(a == float("-inf"), torch.zeros_like(a), a)
-
-    lp = _safe_log_softmax(l)
-    k = max(1, math.floor(filter_ratio * V))
-    kth = torch.topk(lp, k, dim=-1).values[:, -1:]
-    thr = torch.minimum(kth, lp.max(dim=-1, keepdim=True).values + math.log(filter_ratio))
-    keep = (lp >= thr) & target_ok & ~assistant_bad
-    s = l - alpha_col * a
+    keep = plausibility_mask(l, filter_ratio)
+    # addcmul: l - alpha * a in one pass (this runs on every decode step of the engine)
+    s = torch.addcmul(l, alpha_col, a, value=-1.0)
+    if bool(a.min() == float("-inf")):
+        # 0 * -inf is NaN: rows with alpha == 0 ignore the assistant, its -inf entries too
+        bad = (a == float("-inf")) & (alpha_col != 0)
+        keep &= ~bad
+        s = torch.where(a == float("-inf"), l, s)
     if mode == "generate":
         return torch.where(keep, s, neg_inf)
     return torch.where(keep, s, l)
+
+
+def plausibility_mask(logits: torch.Tensor, filter_ratio: float) -> torch.Tensor:
+    """Kept tokens of the plausibility filter, ``[B, V]`` bool (``0 < filter_ratio < 1``).
+
+    Computed on raw logits: ``log_softmax`` shifts a row by a constant, so
+    ``lp >= min(kth_largest(lp, k), max(lp) + ln r)`` selects the same tokens as
+    ``l >= min(kth_largest(l, k), max(l) + ln r)``. When at least k tokens already pass the
+    ratio test, the k-th largest value is above ``max + ln r`` and need not be found; only the
+    other rows pay for a top-k.
+    """
+    l = logits.float()
+    V = l.shape[-1]
+    k = max(1, math.floor(filter_ratio * V))
+    ratio_thr = l.max(dim=-1, keepdim=True).values + math.log(filter_ratio)
+    keep = l >= ratio_thr
+    short = keep.sum(dim=-1) < k
+    if bool(short.any()):
+        rows = short.nonzero()[:, 0]
+        kth = torch.topk(l[rows], k, dim=-1).values[:, -1:]
+        keep[rows] = l[rows] >= kth  # here kth < max + ln r, so kth is the threshold
+    return keep & (l > float("-inf"))
+
+
+def _log_prob_difference(l, a, alpha_col, neg_inf):
+    """``filter_ratio == 0``: log_softmax(l) - alpha * log_softmax(a), -inf rules as above."""
+    target_ok = l > float("-inf")
+    assistant_bad = (a == float("-inf")) & (alpha_col != 0)
+    la = _safe_log_softmax(a)
+    la = torch.where(la == float("-inf"), torch.zeros_like(la), la)
+    s = _safe_log_softmax(l) - alpha_col * la
+    return torch.where(target_ok & ~assistant_bad, s, neg_inf)
 
 
 def _alpha_column(alpha: float | torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:

@@ -1,8 +1,20 @@
-"""The last step of a ULD engine step: target + assistant logits -> ULD logits.
+"""The last step of a ULD engine step: two hidden states -> ULD logits.
 
-The backend is chosen once, at engine start: the fused Triton kernel on CUDA once it exists
-(kernel issue), the torch reference ``uld_logits`` elsewhere. ``ULD_BACKEND=torch|triton``
-forces one.
+Two ways to get there, same result (``uld_logits`` semantics):
+
+* **dense**: one LM-head GEMM on ``[target; assistant]`` rows (``[2n, H] x [H, V]``), then
+  ``uld_logits``;
+* **sparse assistant head**: the target's logits first, its plausibility mask, then the
+  assistant's logits *only for kept tokens* (``W[v] . h_a`` per kept ``v``). The filter keeps
+  at least ``floor(r * V)`` tokens and, for a confident model, not many more, so at r = 0.01 this
+  replaces a second full-vocabulary GEMM by ~1% of it. It is used when the batch keeps few
+  tokens (on average ``<= sparse_fraction * V`` per row, default 0.05, env
+  ``ULD_SPARSE_HEAD_FRACTION``; 1 forces it, 0 disables it); flat distributions (e.g. a randomly
+  initialised model) keep most of the vocabulary, and then the dense GEMM is cheaper.
+
+The sparse head needs a plain, unsharded LM head (TP 1, no quantisation, no logit scaling or
+soft-capping); otherwise the dense path runs. ``ULD_BACKEND=torch`` (default) is this module;
+``triton`` is reserved for the fused kernel of the kernel issue.
 """
 
 from __future__ import annotations
@@ -12,20 +24,73 @@ import os
 import torch
 
 from uld_vllm.errors import UldError
-from uld_vllm.logits import uld_logits
+from uld_vllm.logits import plausibility_mask, uld_logits
 
 
 class UldCombiner:
-    def __init__(self, settings):
+    def __init__(self, settings, sparse_fraction: float | None = None):
         self.alpha = settings.alpha
         self.filter_ratio = settings.filter_ratio
         self.mode = settings.mode
         self.backend = _pick_backend(os.environ.get("ULD_BACKEND", settings.backend))
+        frac = os.environ.get("ULD_SPARSE_HEAD_FRACTION")
+        self.sparse_fraction = float(frac) if frac is not None else (
+            0.05 if sparse_fraction is None else sparse_fraction)
+        self.stats = {"dense": 0, "sparse": 0}
 
-    def __call__(self, target_logits: torch.Tensor,
-                 assistant_logits: torch.Tensor) -> torch.Tensor:
-        return uld_logits(target_logits, assistant_logits, alpha=self.alpha,
+    def __call__(self, logits_processor, lm_head, h_t: torch.Tensor,
+                 h_a: torch.Tensor) -> torch.Tensor | None:
+        if self.filter_ratio > 0 and _plain_head(logits_processor, lm_head):
+            l_t = logits_processor(lm_head, h_t)
+            keep = plausibility_mask(l_t, self.filter_ratio)
+            if self.alpha == 0.0:
+                self.stats["sparse"] += 1
+                return self._finish(l_t.float(), None, keep)
+            # cost model: dense = one GEMM over n rows x V; sparse = one gathered head row
+            # per kept token, ~10x the cost of a GEMM row-dot on CPU (memory vs compute)
+            if int(keep.sum()) <= self.sparse_fraction * keep.numel():
+                self.stats["sparse"] += 1
+                return self._finish(l_t.float(), _kept_logits(lm_head.weight, h_a, keep), keep)
+            l_a = logits_processor(lm_head, h_a)
+            self.stats["dense"] += 1
+            return uld_logits(l_t, l_a, alpha=self.alpha, filter_ratio=self.filter_ratio,
+                              mode=self.mode)
+        n = h_t.shape[0]
+        logits = logits_processor(lm_head, torch.cat([h_t, h_a]))
+        if logits is None:  # a rank that does not sample
+            return None
+        self.stats["dense"] += 1
+        return uld_logits(logits[:n], logits[n:], alpha=self.alpha,
                           filter_ratio=self.filter_ratio, mode=self.mode)
+
+    def _finish(self, l_t, kept_a, keep):
+        """generate: l - alpha*a on kept, -inf elsewhere; score: target logit elsewhere."""
+        rows, cols = keep.nonzero(as_tuple=True)
+        vals = l_t[rows, cols] if kept_a is None else l_t[rows, cols] - self.alpha * kept_a
+        out = torch.full_like(l_t, float("-inf")) if self.mode == "generate" else l_t.clone()
+        out[rows, cols] = vals
+        return out
+
+
+def _kept_logits(weight: torch.Tensor, h_a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Assistant logits at the kept positions, row-major (the order of ``keep.nonzero()``)."""
+    parts = []
+    h = h_a.float()
+    for b in range(keep.shape[0]):
+        cols = keep[b].nonzero()[:, 0]
+        parts.append(weight.index_select(0, cols).float() @ h[b])
+    return torch.cat(parts)
+
+
+def _plain_head(logits_processor, lm_head) -> bool:
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    return (getattr(lm_head, "tp_size", 1) == 1
+            and isinstance(getattr(lm_head, "quant_method", None), UnquantizedEmbeddingMethod)
+            and getattr(lm_head, "bias", None) is None
+            and logits_processor.scale == 1.0 and logits_processor.soft_cap is None
+            and not logits_processor.logits_as_input
+            and getattr(lm_head, "weight", None) is not None and lm_head.weight.numel() > 0)
 
 
 def _pick_backend(requested: str) -> str:

@@ -38,3 +38,8 @@ def model_summary(model) -> dict:
         layer._base[0] is model.model.layers[i] for i, layer in enumerate(uld_layers.values()))
     summary["uld_attention_layers"] = [layer.attn.layer_name for layer in uld_layers.values()]
     return summary
+
+
+def combiner_stats(model) -> dict:
+    """How many compute_logits calls took the dense and the sparse assistant-head path."""
+    return dict(model.uld_combiner.stats)

@@ -143,13 +143,10 @@ class UldCausalLMMixin:
         return torch.cat([normed[:T], normed[T:]], dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        n, h2 = hidden_states.shape
-        h = h2 // 2
-        both = torch.cat([hidden_states[:, :h], hidden_states[:, h:]])
-        logits = self.logits_processor(self.lm_head, both)
-        if logits is None:  # not the rank that samples
-            return None
-        return self.uld_combiner(logits[:n], logits[n:])
+        h = hidden_states.shape[1] // 2
+        return self.uld_combiner(self.logits_processor, self.lm_head,
+                                 hidden_states[:, :h].contiguous(),
+                                 hidden_states[:, h:].contiguous())
 
     # vLLM's vocab-sharded sampling and local argmax see one logits shard at a time; ULD's
     # filter needs the whole row, so those paths must not be taken (hasattr() -> False).
