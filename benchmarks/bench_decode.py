@@ -31,10 +31,11 @@ def build(workdir: Path, args) -> tuple[Path, Path]:
         make_tiny_model(model, arch="llama", layers=args.layers, hidden=args.hidden,
                         heads=args.hidden // 64, kv_heads=args.hidden // 64,
                         intermediate=args.intermediate, vocab=args.vocab,
-                        tie_embeddings=False, seed=0, init_std=0.02)
+                        tie_embeddings=False, seed=0, init_std=args.init_std)
     adapter = workdir / "adapter"
     if not (adapter / "uld_config.json").exists():
-        make_random_adapter(model, adapter, num_layers=args.k, seed=0, scale=0.02)
+        make_random_adapter(model, adapter, num_layers=args.k, seed=0, scale=0.02,
+                            filter_ratio=args.filter_ratio)
     return model, adapter
 
 
@@ -87,6 +88,12 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--k", type=int, default=2)
+    p.add_argument("--filter-ratio", type=float, default=0.1,
+                   help="ULD plausibility-filter ratio (0.1: reference default; 0.01: TOFU)")
+    p.add_argument("--init-std", type=float, default=0.02,
+                   help="weight init std; 0.02 gives near-uniform next-token distributions "
+                        "(the filter keeps most of the vocabulary), larger values give "
+                        "confident ones like a trained model's")
     p.add_argument("--workdir", default=None, help="reuse built model/adapter here")
     p.add_argument("--profile", action="store_true", help="also profile the ULD engine")
     p.add_argument("--out", default="bench_decode.json")
@@ -112,8 +119,12 @@ def main() -> None:
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    llm = uld_vllm.LLM(str(model), uld_adapter=str(adapter), **kw)
+    from uld_vllm.engine.inspect import combiner_stats
+
+    llm = uld_vllm.LLM(str(model), uld_adapter=str(adapter),
+                       uld_filter_ratio=args.filter_ratio, **kw)
     results["uld"] = measure(llm, prompts, args)
+    results["uld"]["head_paths"] = llm.apply_model(combiner_stats)[0]
     if args.profile:
         results["uld_profile_top_ops"] = profile_step(llm, prompts, args)
     llm.llm_engine.engine_core.shutdown()
@@ -121,8 +132,9 @@ def main() -> None:
                                        / results["plain"]["tokens_per_s"])
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nmodel: {model} (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
-          f"K={args.k}); batch {args.batch}, {args.new_tokens} new tokens; "
-          f"binding: {results['binding']}")
+          f"K={args.k}, init std {args.init_std}); filter ratio {args.filter_ratio}; batch "
+          f"{args.batch}, {args.new_tokens} new tokens; binding: {results['binding']}")
+    print(f"assistant LM-head calls (dense/sparse): {results['uld']['head_paths']}")
     print(f"{'system':<10}{'tokens/s':>12}{'seconds':>10}")
     for name in ("plain", "uld"):
         r = results[name]

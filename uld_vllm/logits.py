@@ -88,16 +88,24 @@ def plausibility_mask(logits: torch.Tensor, filter_ratio: float) -> torch.Tensor
     other rows pay for a top-k.
     """
     l = logits.float()
-    V = l.shape[-1]
+    B, V = l.shape
     k = max(1, math.floor(filter_ratio * V))
     ratio_thr = l.max(dim=-1, keepdim=True).values + math.log(filter_ratio)
     keep = l >= ratio_thr
     short = keep.sum(dim=-1) < k
-    if bool(short.any()):
-        rows = short.nonzero()[:, 0]
-        kth = torch.topk(l[rows], k, dim=-1).values[:, -1:]
-        keep[rows] = l[rows] >= kth  # here kth < max + ln r, so kth is the threshold
-    return keep & (l > float("-inf"))
+    n_short = int(short.sum())
+    if n_short:
+        # in a short row the k-th largest value is below max + ln r, so it is the threshold
+        if n_short == B:
+            thr = torch.topk(l, k, dim=-1).values[:, -1:]
+        else:
+            thr = ratio_thr.clone()
+            rows = short.nonzero()[:, 0]
+            thr[rows] = torch.topk(l[rows], k, dim=-1).values[:, -1:]
+        keep = l >= thr
+        if bool((thr == float("-inf")).any()):  # fewer than k finite logits in a row
+            keep &= l > float("-inf")
+    return keep
 
 
 def _log_prob_difference(l, a, alpha_col, neg_inf):

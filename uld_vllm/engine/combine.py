@@ -19,6 +19,7 @@ soft-capping); otherwise the dense path runs. ``ULD_BACKEND=torch`` (default) is
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -41,16 +42,21 @@ class UldCombiner:
     def __call__(self, logits_processor, lm_head, h_t: torch.Tensor,
                  h_a: torch.Tensor) -> torch.Tensor | None:
         if self.filter_ratio > 0 and _plain_head(logits_processor, lm_head):
-            l_t = logits_processor(lm_head, h_t)
+            l_t = logits_processor(lm_head, h_t).float()
+            if self.sparse_fraction > 0:
+                out = self._top_k_rows(l_t, lm_head.weight, h_a)
+                if out is not None:
+                    self.stats["sparse"] += 1
+                    return out
             keep = plausibility_mask(l_t, self.filter_ratio)
             if self.alpha == 0.0:
                 self.stats["sparse"] += 1
-                return self._finish(l_t.float(), None, keep)
+                return self._finish(l_t, None, keep)
             # cost model: dense = one GEMM over n rows x V; sparse = one gathered head row
             # per kept token, ~10x the cost of a GEMM row-dot on CPU (memory vs compute)
             if int(keep.sum()) <= self.sparse_fraction * keep.numel():
                 self.stats["sparse"] += 1
-                return self._finish(l_t.float(), _kept_logits(lm_head.weight, h_a, keep), keep)
+                return self._finish(l_t, _kept_logits(lm_head.weight, h_a, keep), keep)
             l_a = logits_processor(lm_head, h_a)
             self.stats["dense"] += 1
             return uld_logits(l_t, l_a, alpha=self.alpha, filter_ratio=self.filter_ratio,
@@ -62,6 +68,30 @@ class UldCombiner:
         self.stats["dense"] += 1
         return uld_logits(logits[:n], logits[n:], alpha=self.alpha,
                           filter_ratio=self.filter_ratio, mode=self.mode)
+
+    def _top_k_rows(self, l_t, weight, h_a):
+        """Fast path for confident rows: when every row's kept set is exactly its top-k.
+
+        That holds when the k-th largest logit is below ``max + ln r`` (the top-k floor
+        decides) and nothing ties with it; then ``topk`` already gives the kept tokens in a
+        dense ``[n, k]`` layout, and the assistant's logits for them are one gather + bmm.
+        Returns None when some row does not qualify (the general path then runs).
+        """
+        n, V = l_t.shape
+        k = max(1, math.floor(self.filter_ratio * V))
+        if k > self.sparse_fraction * V:
+            return None
+        vals, idx = torch.topk(l_t, k, dim=-1)
+        kth = vals[:, -1:]
+        if not bool((kth < vals[:, :1] + math.log(self.filter_ratio)).all()):
+            return None
+        if not bool(((l_t >= kth).sum(dim=-1) == k).all()):  # ties at the k-th place
+            return None
+        if self.alpha != 0.0:
+            rows = weight.index_select(0, idx.reshape(-1)).view(n, k, -1)
+            vals = vals - self.alpha * torch.bmm(rows.float(), h_a.float().unsqueeze(-1))[..., 0]
+        out = torch.full_like(l_t, float("-inf")) if self.mode == "generate" else l_t.clone()
+        return out.scatter_(1, idx, vals)
 
     def _finish(self, l_t, kept_a, keep):
         """generate: l - alpha*a on kept, -inf elsewhere; score: target logit elsewhere."""

@@ -1,0 +1,69 @@
+"""The engine's combine step: sparse assistant-head paths equal uld_logits."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from uld_vllm.engine.combine import UldCombiner, _kept_logits
+from uld_vllm.logits import plausibility_mask, uld_logits
+
+
+def combiner(mode, ratio=0.01, alpha=0.8, frac=1.0):
+    return UldCombiner(SimpleNamespace(alpha=alpha, filter_ratio=ratio, mode=mode,
+                                       backend="auto"), sparse_fraction=frac)
+
+
+def head(V=1271, H=64, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(V, H, generator=g) * scale, torch.randn(7, H, generator=g), \
+        torch.randn(7, H, generator=g)
+
+
+def close(got, want):
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = ~torch.isinf(want)
+    torch.testing.assert_close(got[fin], want[fin], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+@pytest.mark.parametrize("alpha", [0.8, 0.0])
+def test_top_k_rows_path_equals_uld_logits_on_confident_rows(mode, alpha):
+    W, h_t, h_a = head(scale=3.0)  # peaky rows: kept set == top-k
+    lt, la = h_t @ W.T, h_a @ W.T
+    c = combiner(mode, alpha=alpha)
+    out = c._top_k_rows(lt, W, h_a)
+    assert out is not None
+    close(out, uld_logits(lt, la, alpha=alpha, filter_ratio=0.01, mode=mode))
+
+
+def test_top_k_rows_path_declines_flat_rows_and_ties():
+    W, h_t, h_a = head(scale=0.01)  # flat rows: the ratio test keeps more than top-k
+    assert combiner("generate")._top_k_rows(h_t @ W.T, W, h_a) is None
+    lt = torch.zeros(2, 1271)
+    lt[:, :5] = 10.0  # 5-way tie at the top, k = 12 -> ties at the 12th place too
+    assert combiner("generate")._top_k_rows(lt, W, h_a[:2]) is None
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+@pytest.mark.parametrize("scale", [0.01, 3.0])
+def test_kept_logits_path_equals_uld_logits(mode, scale):
+    W, h_t, h_a = head(scale=scale, seed=1)
+    lt, la = h_t @ W.T, h_a @ W.T
+    c = combiner(mode, ratio=0.1)
+    keep = plausibility_mask(lt, 0.1)
+    out = c._finish(lt, _kept_logits(W, h_a, keep), keep)
+    close(out, uld_logits(lt, la, alpha=0.8, filter_ratio=0.1, mode=mode))
+
+
+def test_plausibility_mask_mixed_short_and_long_rows():
+    W, h_t, _ = head(scale=3.0, seed=2)
+    lt = h_t @ W.T
+    lt[3] = lt[3] * 0.001  # one flat row among confident ones
+    keep = plausibility_mask(lt, 0.01)
+    lp = torch.log_softmax(lt, -1)
+    k = int(0.01 * 1271)
+    thr = torch.minimum(lp.topk(k, -1).values[:, -1:], lp.max(-1, keepdim=True).values
+                        + torch.log(torch.tensor(0.01)))
+    assert torch.equal(keep, lp >= thr)
+    assert keep[3].sum() > 5 * k and (keep.sum(-1)[[0, 1, 2, 4, 5, 6]] == k).all()

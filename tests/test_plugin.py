@@ -1,0 +1,58 @@
+"""The vllm.general_plugins entry point and its idempotent register()."""
+
+import argparse
+from importlib.metadata import entry_points
+
+
+def test_entry_point_is_installed():
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("uld") == "uld_vllm.plugin:register"
+
+
+def test_register_is_idempotent_and_lazy():
+    import sys
+
+    from vllm import ModelRegistry
+
+    from uld_vllm import plugin
+
+    plugin.register()
+    plugin.register()
+    archs = set(ModelRegistry.get_supported_archs())
+    assert {"UldLlamaForCausalLM", "UldMistralForCausalLM", "UldQwen2ForCausalLM"} <= archs
+    assert "uld_vllm.engine.model" not in sys.modules  # model code loads only when used
+
+
+def test_uld_flags_join_vllms_own_parser():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from uld_vllm import plugin
+
+    plugin.register()
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", "m", "--uld-adapter", "/a", "--uld-alpha", "0.5",
+                              "--max-model-len", "64"])
+    assert args.uld_adapter == "/a" and args.uld_alpha == 0.5 and args.max_model_len == 64
+    # without --uld-adapter nothing changes
+    plain = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"]))
+    assert plain.hf_overrides in (None, {}) and not (plain.additional_config or {})
+
+
+def test_uld_flags_are_applied_to_engine_args(tiny_llama, llama_adapter):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from uld_vllm import plugin
+
+    plugin.register()
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", str(tiny_llama), "--uld-adapter", str(llama_adapter),
+                              "--uld-filter-ratio", "0.01",
+                              "--additional-config", '{"other": 1}'])
+    ea = AsyncEngineArgs.from_cli_args(args)
+    assert ea.hf_overrides == {"architectures": ["UldLlamaForCausalLM"]}
+    assert ea.additional_config["other"] == 1  # the user's own config survives
+    uld = ea.additional_config["uld"]
+    assert uld["filter_ratio"] == 0.01 and uld["alpha"] == 0.8 and uld["mode"] == "generate"
+    assert isinstance(args, argparse.Namespace)
