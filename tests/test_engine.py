@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
+from engine_helpers import CHUNKED_KW, ENGINE_KW, PROMPTS, assert_greedy_matches, shutdown
 
-from engine_helpers import (CHUNKED_KW, ENGINE_KW, PROMPTS, assert_greedy_matches, shutdown)
 from uld_vllm.reference import ReferenceDecoder
 
 MAX_NEW = 16

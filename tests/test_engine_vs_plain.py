@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from engine_helpers import ENGINE_KW, PROMPTS, assert_greedy_matches, shutdown
+
 from uld_vllm.reference import ReferenceDecoder
 
 MAX_NEW = 12
