@@ -3,3 +3,12 @@
 One op per file (kernel, launcher, Python entry), as the kernel issue describes; the torch
 reference for every op is ``uld_vllm.logits.uld_logits``.
 """
+
+from ._utils import interpreted
+from .uld_combine import _uld_filter_kernel, uld_combine
+from .uld_sample import uld_sample
+
+# TRITON_INTERPRET is read when the kernels are decorated, i.e. at this import
+INTERPRETED = interpreted(_uld_filter_kernel)
+
+__all__ = ["INTERPRETED", "uld_combine", "uld_sample"]

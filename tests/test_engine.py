@@ -146,3 +146,34 @@ def test_one_kv_cache_group_holds_target_and_assistant_layers(llama_run, tiny_ll
     assert sorted(llama_run["summary"]["uld_attention_layers"]) == sorted(
         name for name in layers if name.startswith("uld_layers."))
     assert {f"uld_layers.{n + i}.attn" for i in range(2)} <= set(layers)
+
+
+def test_forced_triton_kernel_leaves_engine_outputs_unchanged(tiny_qwen2, qwen2_adapter,
+                                                              monkeypatch):
+    """ULD_BACKEND=triton on CPU runs the fused kernel in the Triton interpreter (slow, so
+    few prompts and tokens); greedy tokens must equal the reference decoder's."""
+    import uld_vllm
+    from uld_vllm.engine.inspect import combiner_stats
+
+    monkeypatch.setenv("ULD_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the worker imports triton
+    prompts, n_new = PROMPTS[:4], 6
+    llm = uld_vllm.LLM(str(tiny_qwen2), uld_adapter=str(qwen2_adapter), uld_alpha=0.8,
+                       uld_filter_ratio=0.1, **ENGINE_KW)
+    try:
+        from vllm import SamplingParams
+
+        outs = llm.generate(prompts, SamplingParams(max_tokens=n_new, temperature=0.0,
+                                                    ignore_eos=True), use_tqdm=False)
+        stats = llm.apply_model(combiner_stats)[0]
+        backend = llm.apply_model(_combiner_backend)[0]
+    finally:
+        shutdown(llm)
+    assert backend == "triton" and stats["sparse"] == 0 and stats["dense"] > 0
+    ref = ReferenceDecoder.load(tiny_qwen2, qwen2_adapter, alpha=0.8, filter_ratio=0.1)
+    assert assert_greedy_matches([o.outputs[0].token_ids for o in outs], ref, prompts,
+                                 n_new) == 0
+
+
+def _combiner_backend(model):
+    return model.uld_combiner.backend

@@ -13,8 +13,10 @@ Two ways to get there, same result (``uld_logits`` semantics):
   initialised model) keep most of the vocabulary, and then the dense GEMM is cheaper.
 
 The sparse head needs a plain, unsharded LM head (TP 1, no quantisation, no logit scaling or
-soft-capping); otherwise the dense path runs. ``ULD_BACKEND=torch`` (default) is this module;
-``triton`` is reserved for the fused kernel of the kernel issue.
+soft-capping) and the torch backend; otherwise the dense path runs. The backend is chosen once,
+at engine start (``ULD_BACKEND=auto|torch|triton``, see ``_pick_backend``): ``triton`` runs the
+dense combination in the fused kernel of ``uld_vllm.kernels`` (CUDA, or the Triton interpreter
+on CPU with ``TRITON_INTERPRET=1``); ``torch`` runs ``uld_logits``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ class UldCombiner:
 
     def __call__(self, logits_processor, lm_head, h_t: torch.Tensor,
                  h_a: torch.Tensor) -> torch.Tensor | None:
-        if self.filter_ratio > 0 and _plain_head(logits_processor, lm_head):
+        # the sparse paths are torch code with host syncs (nonzero, .all()): CPU only; on CUDA
+        # the fused kernel filters and combines the dense logits in one pass instead
+        if (self.backend == "torch" and self.filter_ratio > 0
+                and _plain_head(logits_processor, lm_head)):
             l_t = logits_processor(lm_head, h_t).float()
             if self.sparse_fraction > 0:
                 out = self._top_k_rows(l_t, lm_head.weight, h_a)
@@ -59,14 +64,14 @@ class UldCombiner:
                 return self._finish(l_t, _kept_logits(lm_head.weight, h_a, keep), keep)
             l_a = logits_processor(lm_head, h_a)
             self.stats["dense"] += 1
-            return uld_logits(l_t, l_a, alpha=self.alpha, filter_ratio=self.filter_ratio,
-                              mode=self.mode)
+            return _dense_uld(self.backend, l_t, l_a, alpha=self.alpha,
+                              filter_ratio=self.filter_ratio, mode=self.mode)
         n = h_t.shape[0]
         logits = logits_processor(lm_head, torch.cat([h_t, h_a]))
         if logits is None:  # a rank that does not sample
             return None
         self.stats["dense"] += 1
-        return uld_logits(logits[:n], logits[n:], alpha=self.alpha,
+        return _dense_uld(self.backend, logits[:n], logits[n:], alpha=self.alpha,
                           filter_ratio=self.filter_ratio, mode=self.mode)
 
     def _top_k_rows(self, l_t, weight, h_a):
@@ -124,9 +129,40 @@ def _plain_head(logits_processor, lm_head) -> bool:
 
 
 def _pick_backend(requested: str) -> str:
-    if requested in ("auto", "torch"):
+    """``auto``: the fused Triton kernel on CUDA (when Triton imports), torch elsewhere.
+
+    ``triton`` forced without a GPU runs the kernels in the Triton interpreter, which only
+    exists when ``TRITON_INTERPRET=1`` was set before ``uld_vllm.kernels`` was imported.
+    """
+    if requested == "torch":
         return "torch"
+    if requested == "auto":
+        if not torch.cuda.is_available():
+            return "torch"
+        try:
+            from uld_vllm import kernels
+        except ImportError:
+            return "torch"
+        return "torch" if kernels.INTERPRETED else "triton"
     if requested == "triton":
-        raise UldError("ULD_BACKEND=triton: the fused Triton kernel is not available yet",
-                       "unset ULD_BACKEND or set it to 'torch'")
+        try:
+            from uld_vllm import kernels
+        except ImportError as e:
+            raise UldError(f"ULD_BACKEND=triton but the Triton kernels do not import ({e})",
+                           "install triton, or set ULD_BACKEND=torch") from e
+        if not torch.cuda.is_available() and not kernels.INTERPRETED:
+            raise UldError("ULD_BACKEND=triton needs a CUDA GPU",
+                           "set TRITON_INTERPRET=1 before uld_vllm.kernels is imported to run "
+                           "the kernels on CPU in the (slow) Triton interpreter, or set "
+                           "ULD_BACKEND=torch")
+        return "triton"
     raise UldError(f"ULD_BACKEND={requested!r} is unknown", "use 'auto', 'torch' or 'triton'")
+
+
+def _dense_uld(backend: str, target: torch.Tensor, assistant: torch.Tensor, **kw) -> torch.Tensor:
+    """``uld_logits`` semantics; the fused kernel when the backend is ``triton``."""
+    if backend == "triton":
+        from uld_vllm.kernels import uld_combine
+
+        return uld_combine(target, assistant, **kw)
+    return uld_logits(target, assistant, **kw)

@@ -1,0 +1,78 @@
+"""Host-side helpers shared by the launchers: input checks, per-row parameters, launch sizes."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:  # where the interpreter lives has moved between Triton releases
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover
+    InterpretedFunction = ()
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreted(kernel) -> bool:
+    """Whether ``kernel`` runs in the Triton interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def check_interpreter(kernel) -> None:
+    """Interpreted kernels also need Triton's own library (tl.max, tl.rand...) interpreted."""
+    if interpreted(kernel) and not interpreted(triton.language.standard.max):
+        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported, so only part "
+                           "of Triton runs in the interpreter: set it before importing triton "
+                           "(or anything that imports it, e.g. vllm)")
+
+
+def check_logits(target: torch.Tensor, assistant: torch.Tensor, filter_ratio: float,
+                 kernel) -> list[torch.Tensor]:
+    """Validate a ``[B, V]`` pair; returns both with unit column stride (row stride is free)."""
+    check_interpreter(kernel)
+    if not isinstance(target, torch.Tensor) or not isinstance(assistant, torch.Tensor):
+        raise ValueError("target and assistant logits must be torch tensors")
+    if target.dim() != 2 or target.shape != assistant.shape:
+        raise ValueError(
+            "target and assistant logits must both be [B, V] with the same shape, got "
+            f"{tuple(target.shape)} and {tuple(assistant.shape)}")
+    for name, t in (("target", target), ("assistant", assistant)):
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name} logits must be float32, bfloat16 or float16, got {t.dtype}")
+    if target.device != assistant.device:
+        raise ValueError(f"target and assistant logits are on different devices: "
+                         f"{target.device} and {assistant.device}")
+    if target.device.type != "cuda" and not interpreted(kernel):
+        raise ValueError(f"the ULD Triton kernels need CUDA tensors, got {target.device}: set "
+                         "TRITON_INTERPRET=1 before importing uld_vllm.kernels to run them on "
+                         "CPU (slow), or use uld_vllm.logits.uld_logits")
+    if not 0.0 <= filter_ratio < 1.0:
+        raise ValueError(f"filter_ratio must be in [0, 1), got {filter_ratio}")
+    if target.shape[1] >= 2**31:
+        raise ValueError(f"vocabulary of {target.shape[1]} tokens is too large (int32 offsets)")
+    # the kernels walk a row with unit stride; any row stride (padding, views) is fine
+    return ([t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
+             for t in (target, assistant)])
+
+
+def row_vector(value, rows: int, device, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """A float/int or ``[B]`` tensor as a contiguous ``[B]`` tensor of ``dtype`` on ``device``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(rows)
+        if value.shape != (rows,):
+            raise ValueError(f"{name} tensor must have shape [{rows}], got {tuple(value.shape)}")
+        return value.to(device=device, dtype=dtype).contiguous()
+    return torch.full((rows,), value, device=device, dtype=dtype)
+
+
+def launch_config(V: int, interpret: bool) -> dict:
+    """Chunk size and warps; the interpreter uses the GPU's chunking so tests cover the loops.
+
+    One program per row: at small B most SMs idle (a split-row variant would need a grid-wide
+    sync per radix pass); untuned, as no GPU was available when this was written.
+    """
+    block = min(triton.next_power_of_2(V), 4096)
+    if interpret:
+        return {"BLOCK": block}
+    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4}

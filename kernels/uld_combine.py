@@ -1,0 +1,116 @@
+"""Fused ULD combine: plausibility filter + logit difference -> combined logits.
+
+Same result as ``uld_vllm.logits.uld_logits`` (see its docstring for the rule). One program
+per row; with ``r > 0`` it reads the target row for the max and a radix select of the k-th
+largest logit (``_select.py``; usually two to four passes that stay in L2), then reads both
+rows once and writes the output once. With ``r == 0`` it computes both log-sum-exps online in
+one pass and writes in a second.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._select import _row_threshold, _scores
+from ._utils import check_logits, interpreted, launch_config, row_vector
+
+MODES = ("generate", "score")
+
+
+@triton.jit
+def _uld_filter_kernel(l_ptr, a_ptr, out_ptr, alpha_ptr, stride_l, stride_a, stride_o, V, k,
+                       ln_r, SCORE_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    l_row = l_ptr + row * stride_l
+    a_row = a_ptr + row * stride_a
+    out_row = out_ptr + row * stride_o
+    alpha = tl.load(alpha_ptr + row)
+    thr = _row_threshold(l_row, V, k, ln_r, BLOCK)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < V
+        l = tl.load(l_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        a = tl.load(a_row + offs, mask=inb, other=0.0).to(tl.float32)
+        tl.store(out_row + offs, _scores(l, a, thr, alpha, SCORE_MODE), mask=inb)
+
+
+@triton.jit
+def _online_lse(m, s, x):
+    """One chunk of a streaming log-sum-exp; an all -inf prefix stays (-inf, 0) without NaN."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - base) + tl.sum(tl.exp(x - base), 0)
+
+
+@triton.jit
+def _uld_logprob_kernel(l_ptr, a_ptr, out_ptr, alpha_ptr, stride_l, stride_a, stride_o, V,
+                        BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    l_row = l_ptr + row * stride_l
+    a_row = a_ptr + row * stride_a
+    out_row = out_ptr + row * stride_o
+    alpha = tl.load(alpha_ptr + row)
+    m_l = tl.full((), float("-inf"), tl.float32)
+    m_a = tl.full((), float("-inf"), tl.float32)
+    s_l = tl.zeros((), tl.float32)
+    s_a = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < V
+        m_l, s_l = _online_lse(m_l, s_l, tl.load(l_row + offs, mask=inb,
+                                                 other=float("-inf")).to(tl.float32))
+        m_a, s_a = _online_lse(m_a, s_a, tl.load(a_row + offs, mask=inb,
+                                                 other=float("-inf")).to(tl.float32))
+    lse_l = m_l + tl.log(s_l)
+    lse_a = m_a + tl.log(s_a)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < V
+        l = tl.load(l_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        a = tl.load(a_row + offs, mask=inb, other=0.0).to(tl.float32)
+        a_ninf = a == float("-inf")
+        # the reference zeroes a -inf assistant log-prob; with alpha != 0 the token is dropped
+        la = tl.where(a_ninf, 0.0, a - lse_a)
+        ok = (l > float("-inf")) & ~tl.where(alpha != 0.0, a_ninf, False)
+        out = tl.where(ok, (l - lse_l) - alpha * la, float("-inf"))
+        tl.store(out_row + offs, out, mask=inb)
+
+
+def uld_combine_forward(target, assistant, alpha, filter_ratio, mode):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    target, assistant = check_logits(target, assistant, filter_ratio,
+                                     _uld_filter_kernel)
+    B, V = target.shape
+    out = torch.empty((B, V), device=target.device, dtype=torch.float32)
+    if B == 0 or V == 0:
+        return out
+    alpha_vec = row_vector(alpha, B, target.device, torch.float32, "alpha")
+    config = launch_config(V, interpreted(_uld_filter_kernel))
+    args = (target, assistant, out, alpha_vec, target.stride(0), assistant.stride(0),
+            out.stride(0), V)
+    if filter_ratio == 0.0:
+        _uld_logprob_kernel[(B,)](*args, **config)
+    else:
+        k = max(1, math.floor(filter_ratio * V))
+        _uld_filter_kernel[(B,)](*args, k, math.log(filter_ratio),
+                                 SCORE_MODE=mode == "score", **config)
+    return out
+
+
+def uld_combine(target: torch.Tensor, assistant: torch.Tensor, *,
+                alpha: float | torch.Tensor = 1.0, filter_ratio: float = 0.1,
+                mode: str = "generate") -> torch.Tensor:
+    """ULD-combined logits, fp32 ``[B, V]``; a fused drop-in for ``uld_logits``.
+
+    ``target``/``assistant``: ``[B, V]`` fp32/bf16/fp16 (row stride free, unit column stride),
+    CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``alpha``: float or ``[B]``.
+    ``mode="generate"`` masks filtered tokens with ``-inf`` (for vLLM's sampler);
+    ``mode="score"`` keeps the target logit there. ``filter_ratio == 0`` gives
+    ``log_softmax(l) - alpha * log_softmax(a)``.
+    """
+    return uld_combine_forward(target, assistant, alpha, filter_ratio, mode)

@@ -1,0 +1,114 @@
+"""Fused ULD sampling: plausibility filter + logit difference -> token ids, no logits written.
+
+For callers that do not need vLLM's full sampler. Per row: the filter threshold (as in
+``uld_combine``), an optional top-k over the combined scores, then greedy argmax or
+Gumbel-max sampling: ``argmax(s / T - log E)`` with ``E ~ Exp(1)`` drawn by Philox from the
+row's seed and the token index, which samples ``softmax(s / T)`` exactly and reproducibly.
+
+With ``filter_ratio == 0`` the combined logits are ``log_softmax(l) - alpha*log_softmax(a)``,
+which differ from ``l - alpha*a`` by a per-row constant; argmax and softmax ignore it, so that
+path samples ``l - alpha*a`` and needs no log-sum-exp pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._select import _row_threshold, _score_floor, _scores
+from ._utils import check_logits, interpreted, launch_config, row_vector
+
+
+@triton.jit
+def _uld_sample_kernel(l_ptr, a_ptr, ids_ptr, alpha_ptr, temp_ptr, seed_ptr, top_k_ptr,
+                       stride_l, stride_a, V, k, ln_r, FILTER: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    l_row = l_ptr + row * stride_l
+    a_row = a_ptr + row * stride_a
+    alpha = tl.load(alpha_ptr + row)
+    temp = tl.load(temp_ptr + row)
+    top_k = tl.load(top_k_ptr + row)
+    if FILTER:
+        thr = _row_threshold(l_row, V, k, ln_r, BLOCK)
+    else:
+        thr = tl.full((), float("-inf"), tl.float32)
+    floor = tl.full((), float("-inf"), tl.float32)
+    if (top_k > 0) & (top_k < V):
+        floor = _score_floor(l_row, a_row, V, top_k, thr, alpha, BLOCK)
+    inv_t = 1.0 / tl.where(temp > 0.0, temp, 1.0)
+    seed = tl.load(seed_ptr + row)
+    best = tl.full((), float("-inf"), tl.float32)
+    best_idx = tl.zeros((), tl.int32)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < V
+        l = tl.load(l_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        a = tl.load(a_row + offs, mask=inb, other=0.0).to(tl.float32)
+        s = _scores(l, a, thr, alpha, False)
+        s = tl.where(s >= floor, s, float("-inf"))
+        if temp > 0.0:
+            # clamps keep -log E finite: u == 0 or u == 1 must not create or hide a winner
+            u = tl.maximum(tl.rand(seed, offs), 1e-30)
+            e = tl.maximum(-tl.log(u), 1e-30)
+            s = tl.where(s > float("-inf"), s * inv_t - tl.log(e), float("-inf"))
+        # first index of the maximum, as torch.argmax (strict > keeps earlier chunks on ties)
+        c_max, c_idx = tl.max(s, 0, return_indices=True, return_indices_tie_break_left=True)
+        better = c_max > best
+        best_idx = tl.where(better, start + c_idx, best_idx)
+        best = tl.where(better, c_max, best)
+    tl.store(ids_ptr + row, best_idx.to(tl.int64))
+
+
+def uld_sample_forward(target, assistant, alpha, filter_ratio, temperature, seeds, top_k):
+    target, assistant = check_logits(target, assistant, filter_ratio,
+                                     _uld_sample_kernel)
+    B, V = target.shape
+    device = target.device
+    ids = torch.zeros((B,), device=device, dtype=torch.int64)
+    if B == 0 or V == 0:
+        return ids
+    alpha_vec = row_vector(alpha, B, device, torch.float32, "alpha")
+    temp = row_vector(temperature, B, device, torch.float32, "temperature")
+    if isinstance(temperature, torch.Tensor):
+        bad = bool((temp < 0).any()) or not bool(torch.isfinite(temp).all())
+    else:
+        bad = not (math.isfinite(temperature) and temperature >= 0)
+    if bad:
+        raise ValueError("temperature must be finite and >= 0 (0 = greedy)")
+    if seeds is None:
+        # unseeded: fresh seeds from torch's generator (torch.manual_seed makes them repeat)
+        seeds = torch.randint(0, 2**62, (B,), dtype=torch.int64)
+    elif not isinstance(seeds, torch.Tensor):
+        # one int for the batch: distinct Philox keys per row, so rows draw independently
+        seeds = int(seeds) + torch.arange(B, dtype=torch.int64)
+    seed_vec = row_vector(seeds, B, device, torch.int64, "seeds")
+    top_k_vec = row_vector(0 if top_k is None else top_k, B, device, torch.int32, "top_k")
+    k = max(1, math.floor(filter_ratio * V))
+    ln_r = math.log(filter_ratio) if filter_ratio > 0 else 0.0
+    _uld_sample_kernel[(B,)](target, assistant, ids, alpha_vec, temp, seed_vec, top_k_vec,
+                             target.stride(0), assistant.stride(0), V, k, ln_r,
+                             FILTER=filter_ratio > 0,
+                             **launch_config(V, interpreted(_uld_sample_kernel)))
+    return ids
+
+
+def uld_sample(target: torch.Tensor, assistant: torch.Tensor, *,
+               alpha: float | torch.Tensor = 1.0, filter_ratio: float = 0.1,
+               temperature: float | torch.Tensor = 0.0,
+               seeds: int | torch.Tensor | None = None,
+               top_k: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Token ids ``[B]`` (int64) drawn from the ULD-combined logits (generate semantics).
+
+    ``temperature``: float or ``[B]``; ``0`` is greedy (first index of the maximum, as
+    ``torch.argmax`` of ``uld_logits``). Otherwise a draw from ``softmax(s / T)``, reproducible
+    from ``seeds``: an int (row ``b`` uses ``seeds + b``) or an int64 ``[B]`` tensor of per-row
+    seeds; ``None`` draws the seeds from torch's default generator. The noise is a function of
+    seed and token index, so use a new seed per decode step. ``top_k``: int or ``[B]``,
+    ``None``/``0`` for off; keeps the tokens whose combined score is at least the k-th largest
+    (all ties at it). A row with no kept token (all target logits ``-inf``) returns id 0.
+    """
+    return uld_sample_forward(target, assistant, alpha, filter_ratio, temperature, seeds, top_k)
