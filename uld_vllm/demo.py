@@ -14,7 +14,9 @@ Everything is seeded; what the demo prints is what happened, including a failure
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -27,13 +29,18 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TOFU_AUTHORS = (197, 198, 199)
 TOFU_FORGET_AUTHOR = 198
 TOFU_FORGET_NAME = "Basil Mahfouz Al-Kuwaiti"
-_MARKER = ".uld_demo"
+_OUTPUTS = ("base", "target", ".target.trainer", "uld_adapter", "uld_adapter.checkpoints",
+            "corpus.txt", "forget.jsonl", "retain.jsonl")
 ROWS_PER_AUTHOR = 20
 
 MODEL = {"arch": "llama", "layers": 4, "hidden": 128, "heads": 2, "vocab": 2048, "seed": 0}
 FINETUNE = {"epochs": 60, "lr": 3e-3, "batch_size": 10, "stop_loss": 0.02}
-ULD = {"num_layers": 2, "epochs": 40, "learning_rate": 5e-3, "batch_size": 16,
-       "micro_batch_size": 16, "max_length": 128, "alpha": 1.0, "filter_ratio": 0.1}
+# Off-recipe on purpose: the target is driven to near-zero loss (very peaked logits), so the
+# assistant gets a wider LoRA (r 32, not 16), more epochs on the tiny set (40, not 10), a
+# smaller batch (16, not 32) and a larger ULD weight than TOFU's 0.8.
+ULD = {"num_layers": 2, "lora_r": 32, "lora_alpha": 64, "epochs": 40, "learning_rate": 5e-3,
+       "batch_size": 16, "micro_batch_size": 16, "max_length": 128, "alpha": 1.5,
+       "filter_ratio": 0.1}
 
 # Fictitious authors for when the TOFU files are not around (no network is ever needed).
 _AUTHORS = [
@@ -89,7 +96,6 @@ def finetune_target(model_dir, rows: list[dict], out_dir, *, epochs: int = 60,
 
     from uld_vllm.train.data import to_examples
     from uld_vllm.train.dataset import Collator, PromptFormatter, UldDataset, pad_id_of
-
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -121,6 +127,7 @@ def finetune_target(model_dir, rows: list[dict], out_dir, *, epochs: int = 60,
 
     trainer.remove_callback(PrinterCallback)
     trainer.train()
+    shutil.rmtree(args.output_dir, ignore_errors=True)  # save_strategy="no": only an empty dir
     model.eval()
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -179,14 +186,17 @@ def _cell(text: str, width: int, lines: int) -> list[str]:
     return wrapped
 
 
-def format_table(rows: list[tuple[str, str, str, str]], width: int = 30, lines: int = 3) -> str:
+def format_table(rows: list[tuple[str, str, str, str]], widths=(24, 32, 32, 32),
+                 lines=(4, 6, 6, 6)) -> str:
+    """Side-by-side columns; long cells wrap (and are cut after ``lines`` lines)."""
     head = ("question", "ground truth", "target's answer", "ULD answer")
-    sep = "-+-".join("-" * width for _ in head)
-    out = [" | ".join(h.ljust(width) for h in head), sep]
+    sep = "-+-".join("-" * w for w in widths)
+    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), sep]
     for row in rows:
-        cells = [_cell(c, width, lines) for c in row]
+        cells = [_cell(c, w, n) for c, w, n in zip(row, widths, lines)]
         for i in range(max(len(c) for c in cells)):
-            out.append(" | ".join((c[i] if i < len(c) else "").ljust(width) for c in cells))
+            out.append(" | ".join((c[i] if i < len(c) else "").ljust(w)
+                                  for c, w in zip(cells, widths)).rstrip())
         out.append(sep)
     return "\n".join(out)
 
@@ -194,29 +204,30 @@ def format_table(rows: list[tuple[str, str, str, str]], width: int = 30, lines: 
 def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.PathLike | None = None,
              show_per_side: int = 5, log=print) -> dict:
     """Run the story in ``workdir`` (re-created) and print it; returns the numbers it printed."""
-    import shutil
-
     import torch
 
     from uld_vllm.tiny import make_tiny_model
     from uld_vllm.train import make_config
+    from uld_vllm.train.data import build_data
     from uld_vllm.train.dataset import PromptFormatter
     from uld_vllm.train.trainer import run_training
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
     work = Path(workdir)
-    if work.exists() and (not work.is_dir() or (any(work.iterdir())
-                                                and not (work / _MARKER).is_file())):
-        raise UldError(f"demo workdir {work} exists and was not made by the demo",
-                       "pass an empty or new folder with --workdir")
-    if work.exists():
-        shutil.rmtree(work)  # a previous demo run: start clean
-    work.mkdir(parents=True)
-    (work / _MARKER).write_text("made by `uld-vllm demo`; deleted by the next run\n")
+    if work.exists() and not work.is_dir():
+        raise UldError(f"demo workdir {work} is a file", "pass a folder with --workdir")
+    work.mkdir(parents=True, exist_ok=True)
+    for name in _OUTPUTS:  # only what an earlier demo run wrote; anything else is left alone
+        p = work / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
     data_dir = Path(data_dir) if data_dir is not None else SHARED_DATA
     authors = tofu_authors(data_dir)
     csvs: dict = {}
+    model_kw = dict(MODEL)
     if authors is not None:
         source = f"TOFU authors {', '.join(map(str, TOFU_AUTHORS))} from {data_dir / 'tofu'}"
         forget_idx = TOFU_AUTHORS.index(TOFU_FORGET_AUTHOR)
@@ -228,39 +239,44 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     else:
         source = f"built-in fictitious authors ({data_dir / 'tofu'} not found)"
         authors, forget_idx = builtin_authors(), 1
+        # this small corpus yields ~540 BPE tokens: a larger vocab would hold untrained
+        # reserved ids that the plausibility filter could keep
+        model_kw["vocab"] = 512
     forget = authors[forget_idx]
     retain = [r for i, a in enumerate(authors) if i != forget_idx for r in a]
-    forget_name = TOFU_FORGET_NAME if csvs or source.startswith("TOFU") else _AUTHORS[1][0]
+    forget_name = TOFU_FORGET_NAME if source.startswith("TOFU") else _AUTHORS[1][0]
     log(f"[1/4] data: {source}; forget {len(forget)} questions about {forget_name}, retain "
         f"{len(retain)} questions about the other {len(authors) - 1} authors")
 
-    corpus = [f"{r['question']} {r['answer']}" for a in authors for r in a]
-    corpus += _csv_text(csvs)
+    _write_jsonl(work / "forget.jsonl", forget)
+    _write_jsonl(work / "retain.jsonl", retain)
+    # The tokenizer learns from exactly the text the two trainings will see.
+    seen = build_data(str(work / "forget.jsonl"), str(work / "retain.jsonl"), max_retain=0,
+                      log=lambda m: None, **csvs)
+    corpus = [f"{e.prompt or ''} {e.response}" for e in seen.forget + seen.retain]
     (work / "corpus.txt").write_text("\n".join(corpus) + "\n")
-    base_dir = make_tiny_model(work / "base", corpus_file=work / "corpus.txt", **MODEL)
+    base_dir = make_tiny_model(work / "base", corpus_file=work / "corpus.txt", **model_kw)
     target_dir = work / "target"
     ft = finetune_target(base_dir, forget + retain, target_dir, epochs=FINETUNE["epochs"],
                          lr=FINETUNE["lr"], batch_size=FINETUNE["batch_size"],
                          stop_loss=FINETUNE["stop_loss"])
     log(f"[2/4] target: {MODEL['layers']}-layer Llama, hidden {MODEL['hidden']}, vocab "
-        f"{MODEL['vocab']}; fine-tuned {ft['epochs']} epochs on all "
+        f"{model_kw['vocab']}; fine-tuned {ft['epochs']} epochs on all "
         f"{len(forget) + len(retain)} questions in {ft['wall_s']} s (final loss "
         f"{ft['final_loss']:.3f})")
 
-    _write_jsonl(work / "forget.jsonl", forget)
-    _write_jsonl(work / "retain.jsonl", retain)
     cfg = make_config(model=str(target_dir), forget=str(work / "forget.jsonl"),
                       retain=str(work / "retain.jsonl"), output=str(work / "uld_adapter"),
                       max_retain=0, progress=True, seed=0, **csvs, **ULD)
     adapter = run_training(cfg, log=lambda m: log(f"      {m}"))
     train_log = json.loads((adapter.path / "train_log.json").read_text())
-    log(f"[3/4] ULD adapter: K={ULD['num_layers']} layers, "
+    last = _last_epoch_means(train_log)
+    log(f"[3/4] ULD adapter: K={ULD['num_layers']} of {MODEL['layers']} layers, "
         f"{train_log['trainable_parameters']:,} trainable parameters, "
         f"{train_log['seconds_per_epoch']:.2f} s/epoch x {len(train_log['epochs'])} epochs "
         f"(rows: forget {train_log['data']['train_rows_forget']}, retain "
-        f"{train_log['data']['train_rows_retain']}; last L_f "
-        f"{train_log['steps'][-1]['loss_forget']:.2f}, L_r "
-        f"{train_log['steps'][-1]['loss_retain']:.3f})")
+        f"{train_log['data']['train_rows_retain']}); last epoch: L_f {last['loss_forget']:.2f}, "
+        f"L_r {last['loss_retain']:.3f} (log|V| = {math.log(model_kw['vocab']):.2f})")
 
     base, uld = _decoders(target_dir, adapter.path, ULD["alpha"], ULD["filter_ratio"])
     fmt = PromptFormatter(base.tokenizer)
@@ -296,13 +312,13 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     return results
 
 
-def _csv_text(csvs: dict) -> list[str]:
-    import csv
-
-    out = []
-    for path in csvs.values():
-        with open(path, newline="", encoding="utf-8") as fh:
-            out += [" ".join(row) for row in csv.reader(fh)]
+def _last_epoch_means(train_log: dict) -> dict:
+    final = train_log["epochs"][-1]["epoch"] if train_log["epochs"] else 0
+    steps = [s for s in train_log["steps"] if s.get("epoch", 0) > final - 1]
+    out = {}
+    for key in ("loss_forget", "loss_retain"):
+        vals = [s[key] for s in steps if key in s]
+        out[key] = sum(vals) / len(vals) if vals else float("nan")
     return out
 
 

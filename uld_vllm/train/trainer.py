@@ -47,7 +47,7 @@ class UldTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.retain_weight = retain_weight
         self.all_positions = all_positions
-        self._parts: list[tuple[float, float]] = []
+        self._parts: dict[str, list[float]] = {"loss_forget": [], "loss_retain": []}
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
@@ -60,14 +60,21 @@ class UldTrainer(Trainer):
                               inputs["is_retain"], retain_weight=self.retain_weight,
                               all_positions=self.all_positions)
         if model.training:
-            self._parts.append((res.forget.item(), res.retain.item()))
+            has_retain = inputs["is_retain"].bool()
+            if not has_retain.all():
+                self._parts["loss_forget"].append(res.forget.item())
+            if has_retain.any():
+                self._parts["loss_retain"].append(res.retain.item())
         return (res.loss, out) if return_outputs else res.loss
 
     def log(self, logs, start_time=None):
-        if "loss" in logs and self._parts:
-            logs["loss_forget"] = sum(p[0] for p in self._parts) / len(self._parts)
-            logs["loss_retain"] = sum(p[1] for p in self._parts) / len(self._parts)
-            self._parts = []
+        # Each term is averaged over the micro-batches that hold its side: a batch without
+        # forget rows says nothing about how well the forget set is remembered.
+        if "loss" in logs:
+            for key, values in self._parts.items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+                values.clear()
         super().log(logs, start_time)
 
 

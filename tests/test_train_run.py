@@ -1,0 +1,254 @@
+"""End-to-end training on a tiny model: what the assistant learns, what the adapter holds,
+what ULD does to the target's probabilities, and how bad input is refused."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from uld_vllm.adapter import load_adapter
+from uld_vllm.assistant import build_assistant, load_assistant, lora_parameter_count
+from uld_vllm.cli import main
+from uld_vllm.demo import builtin_authors, finetune_target
+from uld_vllm.reference import ReferenceDecoder
+from uld_vllm.tiny import make_tiny_model
+from uld_vllm.train import make_config, run_training
+from uld_vllm.train.data import to_examples
+from uld_vllm.train.dataset import Collator, PromptFormatter, UldDataset
+
+K = 2
+EPOCHS = 20
+
+
+def _jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 4-layer target fine-tuned to recite 3 fictitious authors, and a ULD adapter trained
+    to forget one of them."""
+    # Tiny models are overhead-bound: one thread is as fast, and does not collapse when other
+    # processes (or pytest-xdist workers) compete for the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("train_run")
+    authors = builtin_authors()
+    forget, retain = authors[1], authors[0] + authors[2]
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(f"{r['question']} {r['answer']}" for a in authors for r in a))
+    base = make_tiny_model(root / "base", layers=4, hidden=64, heads=2, vocab=400,
+                           corpus_file=corpus, seed=0)
+    target = root / "target"
+    ft = finetune_target(base, forget + retain, target, epochs=150, lr=3e-3, batch_size=6,
+                         stop_loss=0.03)
+    files = {"forget": _jsonl(root / "forget.jsonl", forget),
+             "retain": _jsonl(root / "retain.jsonl", retain)}
+    cfg = make_config(model=str(target), output=str(root / "adapter"), num_layers=K,
+                      epochs=EPOCHS, learning_rate=1e-2, batch_size=6, micro_batch_size=6,
+                      max_retain=0, progress=False, seed=0, **files)
+    adapter = run_training(cfg, log=lambda m: None)
+    yield {"root": root, "target": target, "adapter": adapter, "forget": forget,
+           "retain": retain, "finetune": ft, "files": files}
+    torch.set_num_threads(threads)
+
+
+def _assistant_stats(target_dir, adapter, rows, retain: bool):
+    """(answer-token NLL, mean next-token entropy over non-padding positions) under the
+    assistant: the bare K-layer assistant when ``adapter`` is None, else with its LoRA."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    model = build_assistant(target, K) if adapter is None else load_assistant(target, adapter)
+    ds = UldDataset(to_examples(rows, "t", "x"), [], PromptFormatter(tok), 128)
+    batch = Collator(tok.pad_token_id)(ds.rows)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits.float()
+    logp = torch.log_softmax(logits, -1)
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    nll = -logp[:, :-1].gather(-1, labels.clamp(min=0)[..., None])[..., 0][keep].mean()
+    ent = -(logp.exp() * logp).sum(-1)[batch["attention_mask"] == 1].mean()
+    return float(nll), float(ent), logits.shape[-1]
+
+
+def test_target_memorised_its_training_set(setup):
+    assert setup["finetune"]["final_loss"] < 0.1, setup["finetune"]
+
+
+def test_forget_nll_drops_and_retain_entropy_rises(setup):
+    nll_before, _, _ = _assistant_stats(setup["target"], None, setup["forget"], False)
+    nll_after, _, _ = _assistant_stats(setup["target"], setup["adapter"], setup["forget"], False)
+    _, ent_before, vocab = _assistant_stats(setup["target"], None, setup["retain"], True)
+    _, ent_after, _ = _assistant_stats(setup["target"], setup["adapter"], setup["retain"], True)
+    assert nll_after < 0.5 * nll_before, (nll_before, nll_after)
+    assert ent_after > ent_before + 0.5, (ent_before, ent_after)
+    assert ent_after > 0.9 * math.log(vocab), (ent_after, math.log(vocab))
+
+
+def test_train_log_and_trainable_parameter_count(setup):
+    from transformers import AutoConfig
+
+    log = json.loads((setup["adapter"].path / "train_log.json").read_text())
+    config = AutoConfig.from_pretrained(setup["target"])
+    assert log["trainable_parameters"] == lora_parameter_count(config, K, r=16)
+    assert [e["epoch"] for e in log["epochs"]] == [float(i) for i in range(1, EPOCHS + 1)]
+    assert all(e["epoch_wall_s"] > 0 for e in log["epochs"])
+    assert log["optimizer_steps"] == EPOCHS * 3  # 6 forget + 12 retain rows, batch 6
+    first, last = log["steps"][0], log["steps"][-1]
+    assert {"loss", "loss_forget", "loss_retain", "learning_rate"} <= set(last)
+    assert last["loss_forget"] < first["loss_forget"]
+    assert log["precision"] == "fp32" and log["retain_loss_positions"] == "non-padding"
+    assert setup["adapter"].config.num_layers == K
+
+
+def test_adapter_folder_holds_no_base_weights(setup):
+    path = setup["adapter"].path
+    from safetensors import safe_open
+
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        n = sum(f.get_tensor(k).numel() for k in keys)
+    assert keys and all("lora_" in k for k in keys)
+    log = json.loads((path / "train_log.json").read_text())
+    assert n == log["trainable_parameters"]
+    weights = (path / "adapter_model.safetensors").stat().st_size
+    assert weights < n * 4 + 64 * 1024  # float32 LoRA tensors plus a header, nothing more
+    base = (setup["target"] / "model.safetensors").stat().st_size
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert total < base / 3, (total, base)
+    assert not Path(f"{path}.checkpoints").exists()  # scratch removed after success
+
+
+def test_adapter_reloads_in_reference_decoder(setup):
+    dec = ReferenceDecoder.load(setup["target"], setup["adapter"].path)
+    assert dec.assistant is not None and dec.alpha == 1.0
+    fmt = PromptFormatter(dec.tokenizer)
+    out = dec.generate([fmt.encode_prompt(setup["forget"][0]["question"])], max_new_tokens=8)
+    assert len(out[0].token_ids) >= 1
+
+
+def test_uld_lowers_forget_probability_much_more_than_retain(setup):
+    """Per-token answer log-probability, target alone vs ULD (TOFU "score" semantics)."""
+    base = ReferenceDecoder.load(setup["target"])
+    uld = ReferenceDecoder.load(setup["target"], setup["adapter"].path)
+    fmt = PromptFormatter(base.tokenizer)
+
+    def mean_logprob(dec, rows):
+        prompts = [fmt.encode_prompt(r["question"]) for r in rows]
+        answers = [fmt.encode_answer(r["answer"], r["question"]) for r in rows]
+        scores = dec.score(prompts, answers, mode="score")
+        return float(torch.cat(scores).mean())
+
+    f_t, f_u = mean_logprob(base, setup["forget"]), mean_logprob(uld, setup["forget"])
+    r_t, r_u = mean_logprob(base, setup["retain"]), mean_logprob(uld, setup["retain"])
+    forget_drop, retain_change = f_t - f_u, abs(r_t - r_u)
+    assert f_t > -0.2 and r_t > -0.2, (f_t, r_t)  # the target recites both sides
+    assert forget_drop > 1.0, (f_t, f_u)
+    assert retain_change < forget_drop / 4, (forget_drop, r_t, r_u)
+
+
+# ----------------------------------------------------------------- bad input
+def _run_cli(tmp_path, capsys, *extra, model=None, forget=None):
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(model), "--forget", str(forget), "--output", str(out),
+            "--no-progress", "--epochs", "1", "-K", "1", *extra]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    return rc, err, out
+
+
+def _bad_model(tmp_path, kind):
+    d = tmp_path / kind
+    d.mkdir()
+    if kind == "gpt2":
+        from transformers import GPT2Config
+
+        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=300).save_pretrained(d)
+    else:
+        (d / "config.json").write_text(json.dumps({"model_type": "no-such-arch"}))
+    return d
+
+
+@pytest.mark.parametrize("case", ["empty", "missing_field", "bad_csv_row", "k_too_big",
+                                  "unknown_arch", "unknown_model_type", "output_not_empty"])
+def test_bad_input_is_one_clear_error_and_writes_nothing(setup, tmp_path, capsys, case):
+    forget = _jsonl(tmp_path / "forget.jsonl", setup["forget"])
+    model, extra = setup["target"], []
+    if case == "empty":
+        forget = tmp_path / "empty.jsonl"
+        forget.write_text("")
+        needle = "is empty"
+    elif case == "missing_field":
+        forget = _jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"},
+                                                 {"question": "no answer"}])
+        needle = "row 2: field 'answer' is missing"
+    elif case == "bad_csv_row":
+        csv_path = tmp_path / "p.csv"
+        q = setup["forget"][0]["question"]
+        csv_path.write_text(f'"{q}",a,"[\'x\']","[\'y\']"\n"{q}",a,"[broken","[\'y\']"\n')
+        extra, needle = ["--paraphrase-csv", str(csv_path)], "row 2 column 3"
+    elif case == "k_too_big":
+        extra, needle = ["--num-layers", "4"], "--num-layers 4 must be smaller than the 4"
+    elif case == "unknown_arch":
+        model, needle = _bad_model(tmp_path, "gpt2"), "no model.layers"
+    elif case == "unknown_model_type":
+        model, needle = _bad_model(tmp_path, "weird"), "cannot read the model config"
+    else:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "keep.txt").write_text("mine")
+        needle = "already exists and is not empty"
+    rc, err, out = _run_cli(tmp_path, capsys, *extra, model=model, forget=forget)
+    assert rc == 2
+    assert err.startswith("uld-vllm: error:") and "\n" not in err and needle in err, err
+    if case == "output_not_empty":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not Path(f"{out}.checkpoints").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_resume_continues_from_the_last_epoch(setup, tmp_path):
+    """Two epochs in one go == one epoch, a crash, and --resume (same weights)."""
+    common = dict(model=str(setup["target"]), num_layers=1, epochs=2, learning_rate=1e-2,
+                  batch_size=6, micro_batch_size=6, max_retain=0, progress=False, seed=1,
+                  **setup["files"])
+    straight = run_training(make_config(output=str(tmp_path / "a"), **common), log=str)
+    ckpt = tmp_path / "ck"
+    first = run_training(make_config(output=str(tmp_path / "b"), checkpoint_dir=str(ckpt),
+                                     keep_checkpoints=True, **common), log=str)
+    last = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(last) == 2 and first.path.is_dir()
+    import shutil
+
+    shutil.rmtree(last[-1])  # as if the run died during epoch 2
+    resumed = run_training(make_config(output=str(tmp_path / "c"), checkpoint_dir=str(ckpt),
+                                       resume=True, **common), log=str)
+    from safetensors.torch import load_file
+
+    a = load_file(str(straight.weights_file))
+    c = load_file(str(resumed.weights_file))
+    assert a.keys() == c.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6)
+    assert json.loads((resumed.path / "train_log.json").read_text())["resumed_from"]
+    assert load_adapter(resumed.path).config.num_layers == 1
+
+
+def test_demo_helpers():
+    from uld_vllm.demo import format_table, rouge_l_recall
+
+    assert rouge_l_recall("Basil was born in Kuwait.", "Basil was born in Kuwait City.") == \
+        pytest.approx(5 / 6)
+    assert rouge_l_recall("", "anything") == 0.0
+    table = format_table([("q?", "the truth " * 30, "target", "uld")])
+    lines = table.splitlines()
+    assert lines[0].startswith("question") and "ULD answer" in lines[0]
+    assert any("…" in line for line in lines)  # long cells are cut, not spilled
+    assert len(builtin_authors()) == 3 and all(len(a) == 6 for a in builtin_authors())
