@@ -208,6 +208,10 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # mkdtemp makes the folder 0700; adapters are often served by another user
+    tmp.chmod(0o755)
+    for f in tmp.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in (*_PENDING, "train"):
+    if rest and args.command not in _PENDING:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.func(args)

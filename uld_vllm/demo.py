@@ -7,7 +7,8 @@
 4. Answer every question greedily with the target alone and with ULD (target - alpha *
    assistant), and print them side by side, with a one-line score per side.
 
-Generation goes through ``uld_vllm.reference.ReferenceDecoder`` (see ``_decoders``).
+Generation goes through vLLM: plain vLLM for the target alone, the uld-vllm engine (target +
+LoRA assistant in one batch) for ULD (see ``_generate``).
 Everything is seeded; what the demo prints is what happened, including a failure to memorise.
 """
 
@@ -155,23 +156,33 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
     return row[-1] / len(r)
 
 
-def _decoders(target_dir: Path, adapter_dir: Path, alpha: float, filter_ratio: float):
-    """(target alone, ULD) decoders sharing one loaded target.
+def _generate(target_dir: Path, adapter_dir: Path, prompts: list[list[int]], *, alpha: float,
+              filter_ratio: float, max_new_tokens: int) -> dict[str, list[str]]:
+    """Greedy answers of the target alone (plain vLLM) and under ULD (the uld-vllm engine)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the story readable
+    from vllm import LLM as PlainLLM
+    from vllm import SamplingParams
 
-    Reference decoder for now; the vLLM engine takes its place when it lands.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import uld_vllm
 
-    from uld_vllm.adapter import load_adapter
-    from uld_vllm.assistant import load_assistant
-    from uld_vllm.reference import ReferenceDecoder
-
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(target_dir)
-    assistant = load_assistant(target, load_adapter(adapter_dir))
-    return (ReferenceDecoder(target, tok),
-            ReferenceDecoder(target, tok, assistant, alpha=alpha, filter_ratio=filter_ratio))
+    kw = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0}
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    engines = {
+        "target": lambda: PlainLLM(str(target_dir), **kw),
+        "uld": lambda: uld_vllm.LLM(str(target_dir), uld_adapter=str(adapter_dir),
+                                    uld_alpha=alpha, uld_filter_ratio=filter_ratio, **kw),
+    }
+    out = {}
+    for name, make in engines.items():
+        llm = make()
+        try:
+            out[name] = [r.outputs[0].text.strip()
+                         for r in llm.generate(inputs, params, use_tqdm=False)]
+        finally:
+            llm.llm_engine.engine_core.shutdown()  # free the cores before the next engine
+    return out
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -278,14 +289,20 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
         f"{train_log['data']['train_rows_retain']}); last epoch: L_f {last['loss_forget']:.2f}, "
         f"L_r {last['loss_retain']:.3f} (log|V| = {math.log(model_kw['vocab']):.2f})")
 
-    base, uld = _decoders(target_dir, adapter.path, ULD["alpha"], ULD["filter_ratio"])
-    fmt = PromptFormatter(base.tokenizer)
+    from transformers import AutoTokenizer
+
+    fmt = PromptFormatter(AutoTokenizer.from_pretrained(target_dir))
+    sides = (("forget", forget), ("retain", retain))
+    answers = _generate(target_dir, adapter.path,
+                        [fmt.encode_prompt(r["question"]) for _, rows in sides for r in rows],
+                        alpha=ULD["alpha"], filter_ratio=ULD["filter_ratio"], max_new_tokens=96)
     results = {}
     table = []
-    for side, rows in (("forget", forget), ("retain", retain)):
-        prompts = [fmt.encode_prompt(r["question"]) for r in rows]
-        t_out = [o.text.strip() for o in base.generate(prompts, max_new_tokens=96)]
-        u_out = [o.text.strip() for o in uld.generate(prompts, max_new_tokens=96)]
+    start = 0
+    for side, rows in sides:
+        t_out = answers["target"][start:start + len(rows)]
+        u_out = answers["uld"][start:start + len(rows)]
+        start += len(rows)
         results[side] = {
             name: {"rougeL_recall": sum(rouge_l_recall(o, r["answer"])
                                         for o, r in zip(outs, rows)) / len(rows),
