@@ -89,10 +89,6 @@ def lora_parameter_count(config, num_layers: int, r: int = 16) -> int:
     return num_layers * sum(r * (i + o) for i, o in shapes)
 
 
-def fingerprint(model: nn.Module) -> str:
-    return config_fingerprint(model.config)
-
-
 def _set(root: nn.Module, dotted: str, value: torch.Tensor, buffer: bool = False) -> None:
     *path, leaf = dotted.split(".")
     owner = root

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from uld_vllm.errors import UldError
+from uld_vllm.logits import MODES
 
 # base architecture -> ULD architecture (registered lazily by uld_vllm.plugin)
 ULD_ARCHITECTURES = {
@@ -25,7 +26,6 @@ ULD_ARCHITECTURES = {
     "MistralForCausalLM": "UldMistralForCausalLM",
     "Qwen2ForCausalLM": "UldQwen2ForCausalLM",
 }
-MODES = ("generate", "score")
 
 
 @dataclasses.dataclass(frozen=True)
