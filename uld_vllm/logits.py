@@ -65,7 +65,14 @@ def uld_logits(
     if filter_ratio == 0.0:
         return _log_prob_difference(l, a, alpha_col, neg_inf)
 
-    keep = plausibility_mask(l, filter_ratio)
+    return combine_with_mask(l, a, plausibility_mask(l, filter_ratio), alpha_col, mode)
+
+
+def combine_with_mask(l: torch.Tensor, a: torch.Tensor, keep: torch.Tensor,
+                      alpha_col: torch.Tensor, mode: str) -> torch.Tensor:
+    """The step after the filter, for fp32 ``l``/``a`` and a given ``plausibility_mask``
+    (``alpha_col``: ``[B, 1]``). Callers that already hold the mask skip recomputing it."""
+    neg_inf = torch.tensor(float("-inf"), device=l.device)
     # addcmul: l - alpha * a in one pass (this runs on every decode step of the engine)
     s = torch.addcmul(l, alpha_col, a, value=-1.0)
     if bool(a.min() == float("-inf")):

@@ -27,7 +27,7 @@ import os
 import torch
 
 from uld_vllm.errors import UldError
-from uld_vllm.logits import plausibility_mask, uld_logits
+from uld_vllm.logits import combine_with_mask, plausibility_mask, uld_logits
 
 
 class UldCombiner:
@@ -62,10 +62,10 @@ class UldCombiner:
             if int(keep.sum()) <= self.sparse_fraction * keep.numel():
                 self.stats["sparse"] += 1
                 return self._finish(l_t, _kept_logits(lm_head.weight, h_a, keep), keep)
-            l_a = logits_processor(lm_head, h_a)
+            l_a = logits_processor(lm_head, h_a).float()
             self.stats["dense"] += 1
-            return _dense_uld(self.backend, l_t, l_a, alpha=self.alpha,
-                              filter_ratio=self.filter_ratio, mode=self.mode)
+            alpha_col = torch.full((l_t.shape[0], 1), float(self.alpha), device=l_t.device)
+            return combine_with_mask(l_t, l_a, keep, alpha_col, self.mode)  # mask reused
         n = h_t.shape[0]
         logits = logits_processor(lm_head, torch.cat([h_t, h_a]))
         if logits is None:  # a rank that does not sample
