@@ -1,17 +1,21 @@
 """The fused Triton kernels (uld_vllm.kernels) against the torch reference ``uld_logits``.
 
 Runs on CPU in the Triton interpreter: TRITON_INTERPRET must be set before triton is first
-imported (the flag is read when kernels are decorated). Shapes are small because the
-interpreter pays per op; a separate test compiles every kernel for sm_90 (no GPU needed) so
-code that only the interpreter accepts cannot slip through.
+imported (the flag is read when kernels are decorated). With ``ULD_KERNEL_TEST_DEVICE=cuda``
+the same tests run the compiled kernels on a GPU instead (no interpreter). Shapes are small
+because the interpreter pays per op; a separate test compiles every kernel for sm_90 (no GPU
+needed) so code that only the interpreter accepts cannot slip through.
 """
 
 import os
 import sys
 
+ON_GPU = os.environ.get("ULD_KERNEL_TEST_DEVICE", "cpu") == "cuda"
+DEV = "cuda" if ON_GPU else "cpu"
 _PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
 _TRITON_WAS_IMPORTED = "triton" in sys.modules
-os.environ["TRITON_INTERPRET"] = "1"
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
 import subprocess  # noqa: E402
@@ -44,13 +48,16 @@ _restore_interpret()
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret():
-    os.environ["TRITON_INTERPRET"] = "1"
+    if not ON_GPU:
+        os.environ["TRITON_INTERPRET"] = "1"
     yield
     _restore_interpret()
 
 pytestmark = [
+    pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(),
+                       reason="ULD_KERNEL_TEST_DEVICE=cuda but no CUDA device"),
     pytest.mark.skipif(
-        _TRITON_WAS_IMPORTED or not kernels.INTERPRETED,
+        not ON_GPU and (_TRITON_WAS_IMPORTED or not kernels.INTERPRETED),
         reason="triton was imported before this module could set TRITON_INTERPRET=1; run "
                "`pytest tests/test_kernels.py` on its own or set TRITON_INTERPRET=1"),
     # numpy's view of the kernels' deliberate -inf arithmetic (log 0, -inf - -inf, masked)
@@ -60,7 +67,11 @@ pytestmark = [
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 NEG_INF = float("-inf")
 # r == 0 goes through two log-sum-exps whose summation order differs from torch's; with
-# r > 0 the kernel does the reference's fp32 operations (fma included) and must be exact
+# r > 0 the interpreted kernel does the reference's fp32 operations and must be exact. The
+# compiled kernel contracts l - alpha * a into one fma where torch's CUDA ops round twice
+# (measured on an H200: masks identical, values differ in the last bit), so on GPU the
+# values are compared within TOL and exactness is left to the greedy-id tests.
+EXACT = not ON_GPU
 TOL = {F32: dict(atol=2e-5, rtol=1e-5), BF16: dict(atol=2e-5, rtol=1e-5),
        F16: dict(atol=2e-5, rtol=1e-5)}
 
@@ -83,7 +94,7 @@ def make_logits(B, V, dtype=F32, *, seed=0, ties=False, neg_inf=False):
         if B > 2:
             l[1, 3:] = NEG_INF
             a[2, l[2].argmax()] = NEG_INF
-    return l.to(dtype), a.to(dtype)
+    return l.to(DEV, dtype), a.to(DEV, dtype)
 
 
 def row_alpha(B, kind):
@@ -92,7 +103,7 @@ def row_alpha(B, kind):
     alpha = torch.linspace(0.1, 1.5, B)
     if B > 2:  # alpha == 0 ignores the assistant, its -inf too (row 2: -inf on the top token)
         alpha[2] = 0.0
-    return alpha
+    return alpha.to(DEV)
 
 
 def assert_logits_match(got, want, dtype, exact):
@@ -134,7 +145,7 @@ def test_combined_logits_match_reference(case):
     alpha = row_alpha(B, alpha)
     got = uld_combine(l, a, alpha=alpha, filter_ratio=r, mode=mode)
     want = uld_logits(l, a, alpha=alpha, filter_ratio=r, mode=mode)
-    assert_logits_match(got, want, dtype, exact=r > 0)
+    assert_logits_match(got, want, dtype, exact=EXACT and r > 0)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[4] == "generate" or c[2] == 0.0],
@@ -148,7 +159,7 @@ def test_greedy_ids_equal_reference_argmax(case):
     # the first index must win (as torch.argmax)
     l, a = l.clone(), a.clone()
     win = ref.argmax(-1)
-    rows = torch.arange(B)
+    rows = torch.arange(B, device=DEV)
     l[rows, (win + V // 2) % V] = l[rows, win]
     a[rows, (win + V // 2) % V] = a[rows, win]
     want = uld_logits(l, a, alpha=alpha, filter_ratio=r).argmax(-1)
@@ -166,16 +177,17 @@ def test_row_strided_and_broadcast_inputs():
     for r, mode in ((0.1, "score"), (0.0, "generate")):
         got = uld_combine(l, a, alpha=alpha, filter_ratio=r, mode=mode)
         want = uld_logits(l, a, alpha=alpha, filter_ratio=r, mode=mode)
-        assert_logits_match(got, want, BF16, exact=r > 0)
+        assert_logits_match(got, want, BF16, exact=EXACT and r > 0)
     rep_l, rep_a = l[3:4].expand(5, V), a[3:4].expand(5, V)  # row stride 0
     got = uld_combine(rep_l, rep_a, alpha=0.5, filter_ratio=0.01)
-    assert_logits_match(got, uld_logits(rep_l, rep_a, alpha=0.5, filter_ratio=0.01), BF16, True)
+    assert_logits_match(got, uld_logits(rep_l, rep_a, alpha=0.5, filter_ratio=0.01), BF16,
+                        EXACT)
 
 
 def test_sampling_is_reproducible():
     l, a = make_logits(7, 4099, BF16, seed=5)
     kw = dict(alpha=0.8, filter_ratio=0.01, temperature=0.9)
-    seeds = torch.tensor([11, 12, 13, 14, 15, 16, 17])
+    seeds = torch.tensor([11, 12, 13, 14, 15, 16, 17], device=DEV)
     first = uld_sample(l, a, seeds=seeds, **kw)
     assert torch.equal(first, uld_sample(l, a, seeds=seeds, **kw))
     assert torch.equal(first, uld_sample(l, a, seeds=11, **kw))  # int seed: row b uses seed + b
@@ -192,11 +204,12 @@ def test_sampled_tokens_respect_filter_and_top_k():
     l, a = make_logits(B, V, F32, seed=6, neg_inf=True)
     ref = uld_logits(l, a, alpha=0.8, filter_ratio=r)
     ids = uld_sample(l, a, alpha=0.8, filter_ratio=r, temperature=50.0, seeds=1)
-    assert bool((ref[torch.arange(B), ids] > NEG_INF)[1:].all())  # row 0 is all -inf: id 0
+    rows = torch.arange(B, device=DEV)
+    assert bool((ref[rows, ids] > NEG_INF)[1:].all())  # row 0 is all -inf: id 0
     assert ids[0] == 0
     ids = uld_sample(l, a, alpha=0.8, filter_ratio=r, temperature=50.0, seeds=2, top_k=3)
     third = ref.topk(3, dim=-1).values[:, -1]
-    chosen = ref[torch.arange(B), ids]
+    chosen = ref[rows, ids]
     assert bool(((chosen >= third) & (chosen > NEG_INF))[1:].all())
     # top_k = 1 at any temperature is greedy
     ids = uld_sample(l, a, alpha=0.8, filter_ratio=r, temperature=2.0, seeds=3, top_k=1)
@@ -226,12 +239,14 @@ def chi_square(counts, p, n):
 def test_sampling_distribution_matches_softmax(r, top_k, temperature, V, n):
     g = torch.Generator().manual_seed(7)
     l, a = torch.randn(1, V, generator=g) * 1.5, torch.randn(1, V, generator=g)
+    l, a = l.to(DEV), a.to(DEV)
     s = uld_logits(l, a, alpha=0.6, filter_ratio=r).double()[0]
     if top_k:
-        s = torch.where(s >= s.topk(top_k).values[-1], s, torch.tensor(NEG_INF).double())
+        s = torch.where(s >= s.topk(top_k).values[-1], s, NEG_INF)
     ids = uld_sample(l.expand(n, V), a.expand(n, V), alpha=0.6, filter_ratio=r,
                      temperature=temperature, seeds=torch.arange(n) * 7919 + 1, top_k=top_k)
-    counts = torch.bincount(ids, minlength=V).double()
+    counts = torch.bincount(ids, minlength=V).double().cpu()
+    s = s.cpu()
     p = torch.softmax(s / temperature, 0)
     assert counts[p == 0].sum() == 0, "a masked token was sampled"
     stat, crit = chi_square(counts, p, n)
@@ -261,6 +276,7 @@ def test_input_errors():
     assert uld_sample(l[:0], a[:0]).shape == (0,)
 
 
+@pytest.mark.skipif(ON_GPU, reason="CPU engine path; covered on GPU by the combine tests")
 def test_engine_dense_path_uses_kernel(monkeypatch):
     assert combine._pick_backend("triton") == "triton"  # interpreted kernels run on CPU
     assert combine._pick_backend("auto") == ("triton" if torch.cuda.is_available() else "torch")
