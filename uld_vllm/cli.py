@@ -10,7 +10,6 @@ from uld_vllm.errors import UldError
 # Subcommands whose issues have not landed yet say so instead of pretending to work.
 _PENDING = {
     "eval": "`uld-vllm eval` arrives with the TOFU evaluation",
-    "bench": "`uld-vllm bench` arrives with the throughput benchmarks",
 }
 
 
@@ -90,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     sub.add_parser("serve", add_help=False,
                    help="`vllm serve MODEL --uld-adapter DIR ...` (every vllm serve flag works)")
+    sub.add_parser("bench", add_help=False,
+                   help="benchmarks: `bench throughput ...`, `bench serving ...` (--help each)")
     for name, why in _PENDING.items():
         p = sub.add_parser(name, help=f"(not available yet) {why}", add_help=False)
         p.set_defaults(func=lambda a, why=why: _pending(why))
@@ -129,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
+    if argv[:1] == ["bench"]:
+        from uld_vllm.bench import main as bench
+
+        return bench(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in _PENDING:

@@ -1,0 +1,134 @@
+"""Smoke tests of the benchmark programs: tiny model, tiny settings, every documented field.
+
+The numbers themselves are not asserted (they depend on the machine and its load).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--hidden", "64", "--layers", "2", "--vocab", "512", "--kv-cache-gib", "1"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run(args, timeout):
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)
+
+
+def cli(*args, timeout=120):
+    return run(["-m", "uld_vllm.cli", *args], timeout)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench_model")  # the first benchmark builds, the next reuses
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def check_common(rep: dict, out: Path, name: str) -> None:
+    assert rep["benchmark"] == name
+    for key in ("cpu", "logical_cpus", "torch", "vllm"):
+        assert rep["machine"][key]
+    t = rep["threads"]
+    assert t["threads"] == 1 and t["cores"] == [0]
+    assert t["VLLM_CPU_OMP_THREADS_BIND"] == "0" and "VLLM_CPU_NUM_OF_RESERVED_CPU" in t
+    assert t["vllm"] and t["reference"]
+    assert rep["kv_cache_gib"] == 1 and rep["kv_cache_source"] and rep["dtype"] == "float32"
+    assert rep["memory_method"]
+    m = rep["model"]
+    assert Path(m["model"]).is_dir() and Path(m["adapter"]).is_dir() and m["built"]
+    assert (m["hidden"], m["layers"], m["vocab"], m["k"]) == (64, 2, 512, 1)
+    assert positive(m["parameters"]) and positive(m["alpha"]) and positive(m["filter_ratio"])
+    assert len(rep["load_average"]["before"]) == 3 and len(rep["load_average"]["after"]) == 3
+    assert positive(rep["wall_s"])
+    png = out / f"{name}.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+
+
+def test_throughput_smoke(tmp_path, workdir):
+    out = tmp_path / "out"
+    r = run(["benchmarks/throughput.py", *TINY, "--workdir", str(workdir), "--batches", "1",
+             "2", "--new-tokens", "8", "--eval-prompts", "6", "--eval-max-tokens", "8",
+             "--reference-eval-prompts", "5", "--repeats", "1", "--out", str(out)], 420)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((out / "throughput.json").read_text())
+    check_common(rep, out, "throughput")
+    systems = ("plain", "uld", "reference_b4", "reference_vllm_batch")
+    for s in systems:
+        assert positive(rep["systems"][s]["peak_rss_mib"]) and positive(
+            rep["systems"][s]["start_s"])
+    assert positive(rep["systems"]["uld"]["max_num_seqs"])
+    assert [w["name"] for w in rep["workloads"]] == ["decode_b1", "decode_b2", "eval"]
+    for w in rep["workloads"]:
+        assert w["kind"] in ("decode", "eval") and positive(w["batch"])
+        assert positive(w["max_tokens"]) and positive(w["prompts"]) and positive(w["vllm_batch"])
+        for s in systems:
+            res = w["results"][s]
+            for key in ("tokens", "seconds", "tokens_per_s", "batch"):
+                assert positive(res[key]), (w["name"], s, key, res)
+            assert res["runs_s"] and all(positive(x) for x in res["runs_s"])
+        for key in ("uld_over_plain", "uld_over_reference_b4", "uld_over_reference_vllm_batch"):
+            assert positive(w["ratios"][key])
+        assert 0 <= w["uld_greedy_same_as_reference"] <= 1
+    decode, ev = rep["workloads"][1], rep["workloads"][2]
+    assert decode["results"]["plain"]["tokens"] == 2 * 8  # ignore_eos: every token counted
+    assert decode["results"]["reference_b4"]["tokens"] == 2 * 8
+    assert ev["prompts"] == 6 and ev["reference_prompts"] == 5 and ev["source"]
+    assert ev["results"]["reference_b4"]["batch"] == 4
+    assert ev["results"]["reference_vllm_batch"]["batch"] == 5
+    assert set(rep["targets"]) == {"uld_over_reference_b4 eval"}  # no batch-32 decode here
+    tgt = rep["targets"]["uld_over_reference_b4 eval"]
+    assert tgt["target"] == 3.0 and positive(tgt["measured"]) and isinstance(tgt["met"], bool)
+    assert "ULD/plain" in r.stdout and "peak RSS" in r.stdout  # the terminal table
+
+
+def test_serving_smoke(tmp_path, workdir):
+    out = tmp_path / "out"
+    r = run(["benchmarks/serving.py", *TINY, "--workdir", str(workdir), "--requests", "6",
+             "--concurrency", "3", "--max-tokens", "6", "--out", str(out)], 420)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((out / "serving.json").read_text())
+    check_common(rep, out, "serving")
+    load = rep["load"]
+    assert (load["requests"], load["concurrency"], load["max_tokens"]) == (6, 3, 6)
+    assert load["prompts"] and load["endpoint"]
+    for s in ("plain", "uld"):
+        res = rep["systems"][s]
+        assert res["requests_ok"] == 6 and res["requests_failed"] == 0 and res["all_ok"]
+        assert res["output_tokens"] == 6 * 6
+        for key in ("wall_s", "request_throughput_rps", "output_tokens_per_s", "start_s",
+                    "peak_rss_mib"):
+            assert positive(res[key]), (s, key)
+        for metric in ("ttft_ms", "tpot_ms", "latency_ms"):
+            assert all(positive(res[metric][q]) for q in ("p50", "p99", "mean")), (s, metric)
+        assert Path(res["log"]).is_file()
+    for key in ("request_throughput", "output_tokens_per_s", "ttft_p50", "tpot_p50"):
+        assert positive(rep["ratios"][key])
+    assert "TTFT p50" in r.stdout
+
+
+def test_bench_cli_help_and_errors():
+    r = cli("bench", "throughput", "--help")
+    assert r.returncode == 0 and "--batches" in r.stdout and "--threads" in r.stdout
+    r = cli("bench", "serving", "--help")
+    assert r.returncode == 0 and "--concurrency" in r.stdout
+    r = cli("bench")
+    assert r.returncode == 2 and "throughput" in r.stderr
+    r = cli("bench", "latency")
+    assert r.returncode == 2 and r.stderr.strip().startswith("uld-vllm: error:")
+    r = cli("bench", "throughput", "--model", "some/model")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "--uld-adapter" in err[0]
+    r = cli("bench", "throughput", "--threads", "999")
+    assert r.returncode == 2 and "--threads" in r.stderr

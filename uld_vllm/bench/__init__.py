@@ -1,0 +1,43 @@
+"""`uld-vllm bench {throughput,serving} ...`: the benchmark programs.
+
+The logic lives here (so the installed console script runs it from anywhere); the scripts in
+``benchmarks/`` are thin wrappers around :func:`main`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from uld_vllm.errors import UldError
+
+BENCHMARKS = {
+    "throughput": "offline tokens/s: plain vLLM vs the ULD engine vs the reference decoder",
+    "serving": "OpenAI server under concurrent streaming load: plain vs --uld-adapter",
+}
+USAGE = "usage: uld-vllm bench {throughput,serving} [ARGS...]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        for name, what in BENCHMARKS.items():
+            print(f"  {name:<12}{what}", file=sys.stdout if argv else sys.stderr)
+        print("`uld-vllm bench NAME --help` lists a benchmark's flags.",
+              file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    try:
+        if name == "throughput":
+            from uld_vllm.bench.throughput import main as run
+        elif name == "serving":
+            from uld_vllm.bench.serving import main as run
+        else:
+            raise UldError(f"unknown benchmark {name!r}", "choose throughput or serving")
+        return run(rest)
+    except UldError as exc:
+        print(f"uld-vllm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("uld-vllm: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,285 @@
+"""What the throughput and serving benchmarks share: the model, thread binding, memory, data.
+
+* The default model is built locally (no hub): a Llama with hidden 768, 8 layers, intermediate
+  1536, vocab 32000 (~96 M parameters) and a random ULD adapter with K = 2, the same as
+  ``benchmarks/bench_decode.py``. ``--model`` (+ ``--uld-adapter``) takes any HF id or folder.
+* CPU fairness: ``--threads N`` binds vLLM's worker to cores 0..N-1 with N OpenMP threads
+  (``VLLM_CPU_OMP_THREADS_BIND``) and gives the HF reference decoder the same cores and
+  ``torch.set_num_threads(N)``.
+* Memory: peak RSS of a process plus all its descendants, sampled every 0.1 s with psutil.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+from uld_vllm.errors import UldError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (default: a locally built ~96 M-parameter Llama)")
+    g.add_argument("--model", default=None,
+                   help="HF id or folder of the target (then --uld-adapter is required)")
+    g.add_argument("--uld-adapter", default=None, help="ULD adapter folder for --model")
+    g.add_argument("--uld-alpha", type=float, default=None, help="default: the adapter's")
+    g.add_argument("--uld-filter-ratio", type=float, default=None,
+                   help="default: the adapter's")
+    g.add_argument("--workdir", default=None,
+                   help="where the built model/adapter go (reused when present); default: a "
+                        "temporary folder")
+    g.add_argument("--hidden", type=int, default=768)
+    g.add_argument("--layers", type=int, default=8)
+    g.add_argument("--intermediate", type=int, default=None, help="default: 2 * hidden")
+    g.add_argument("--vocab", type=int, default=32000)
+    g.add_argument("--k", type=int, default=None,
+                   help="assistant layers K of the built adapter (default: 2, or layers - 1)")
+    g.add_argument("--init-std", type=float, default=0.02,
+                   help="built model's weight init std (0.02: near-uniform next-token "
+                        "distributions; 0.2: confident ones)")
+    g.add_argument("--filter-ratio", type=float, default=0.1,
+                   help="built adapter's plausibility-filter ratio (0.1: reference default)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    r = p.add_argument_group("resources")
+    r.add_argument("--threads", type=int, default=1,
+                   help="CPU cores (and compute threads) every system gets: vLLM's worker is "
+                        "bound to cores 0..N-1, the HF decoder gets the same cores and "
+                        "torch.set_num_threads(N). Default 1, vLLM's own default on this "
+                        "2-core machine (one bound core, one left for its scheduler)")
+    r.add_argument("--kv-cache-gib", type=int, default=None,
+                   help="VLLM_CPU_KVCACHE_SPACE for both engines; default: enough for the "
+                        "largest batch in the ULD engine (at least 1)")
+    p.add_argument("--out", default="bench_out", help="folder for the JSON and PNG results")
+
+
+def resolve_model(args, log=print) -> dict:
+    """The target and adapter to benchmark: ``--model``/``--uld-adapter``, or built locally."""
+    if args.model is not None:
+        if args.uld_adapter is None:
+            raise UldError("--model needs --uld-adapter", "pass the ULD adapter folder")
+        return {"model": args.model, "adapter": str(args.uld_adapter), "built": False}
+    if args.uld_adapter is not None:
+        raise UldError("--uld-adapter without --model", "pass the adapter's --model too")
+    import tempfile
+
+    from uld_vllm.tiny import make_random_adapter, make_tiny_model
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="uld-bench-"))
+    model, adapter = work / "model", work / "adapter"
+    k = args.k if args.k is not None else max(1, min(2, args.layers - 1))
+    spec = {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "k": k,
+            "intermediate": args.intermediate or 2 * args.hidden, "init_std": args.init_std,
+            "filter_ratio": args.filter_ratio}
+    stamp = work / "bench_model.json"
+    if not stamp.is_file() or json.loads(stamp.read_text()) != spec:
+        if args.hidden % 64 and args.hidden > 64:
+            raise UldError(f"--hidden {args.hidden} is not a multiple of 64",
+                           "the built model uses 64-wide attention heads")
+        t0 = time.perf_counter()
+        heads = max(1, args.hidden // 64)
+        make_tiny_model(model, arch="llama", layers=args.layers, hidden=args.hidden,
+                        heads=heads, kv_heads=heads, intermediate=spec["intermediate"],
+                        vocab=args.vocab, tie_embeddings=False, seed=0,
+                        init_std=args.init_std)
+        make_random_adapter(model, adapter, num_layers=k, seed=0, scale=0.02,
+                            filter_ratio=args.filter_ratio, overwrite=True)
+        stamp.write_text(json.dumps(spec))
+        log(f"built the model and adapter in {work} ({time.perf_counter() - t0:.0f} s)")
+    return {"model": str(model), "adapter": str(adapter), "built": True, "workdir": str(work),
+            **spec}
+
+
+def model_facts(model: str, adapter: str) -> dict:
+    """Sizes that the report and the KV-cache sizing need (config files only, no weights)."""
+    from transformers import AutoConfig
+
+    from uld_vllm.adapter import load_adapter
+
+    cfg = AutoConfig.from_pretrained(model)
+    ad = load_adapter(adapter).config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    facts = {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size,
+             "k": ad.num_layers, "alpha": ad.alpha, "filter_ratio": ad.filter_ratio,
+             "kv_bytes_per_token_per_layer": 2 * head_dim * (
+                 getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)}
+    facts["parameters"] = _count_parameters(model)
+    return facts
+
+
+def _count_parameters(model: str) -> int | None:
+    files = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    n = 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                n += math.prod(st.get_slice(key).get_shape())
+    return n
+
+
+def kv_cache_gib(facts: dict, dtype: str, seqs: int, seq_len: int) -> int:
+    """GiB of KV cache that holds ``seqs`` sequences of ``seq_len`` tokens in the ULD engine."""
+    elem = 4 if dtype == "float32" else 2
+    per_token = facts["kv_bytes_per_token_per_layer"] * elem * (facts["layers"] + facts["k"])
+    return max(1, math.ceil(1.15 * seqs * seq_len * per_token / 2**30))
+
+
+def bind_cpu(threads: int) -> dict:
+    """Give vLLM's worker (via env, before any engine starts) cores 0..threads-1."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if not 1 <= threads <= len(allowed):
+        raise UldError(f"--threads {threads} is out of range",
+                       f"this process may use {len(allowed)} cores: pass 1..{len(allowed)}")
+    cores = allowed[:threads]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(len(allowed) - threads)
+    return {"threads": threads, "cores": cores, "cores_available": len(allowed),
+            "VLLM_CPU_OMP_THREADS_BIND": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"],
+            "vllm": f"worker bound to cores {cores} with OMP_NUM_THREADS={threads}; its "
+                    "scheduler/front-end processes are not bound",
+            "reference": f"torch.set_num_threads({threads}), decoding thread pinned to cores "
+                         f"{cores}"}
+
+
+class PeakRSS:
+    """Peak of the summed RSS of ``pid`` (default: this process) and all its descendants.
+
+    Sampled every ``interval`` seconds in a thread while the ``with`` block runs; pages shared
+    between processes are counted once per process.
+    """
+
+    METHOD = ("peak of the summed RSS of the process and all its descendants (psutil, "
+              "sampled every 0.1 s)")
+
+    def __init__(self, pid: int | None = None, interval: float = 0.1):
+        self.pid = pid or os.getpid()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> int:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+            "vllm": _version("vllm-cpu") or _version("vllm"), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _version(dist: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def questions(n: int, tofu_dir: str | None = None) -> tuple[list[str], str]:
+    """``n`` TOFU questions spread over ``full.jsonl``, or built-in ones when it is absent."""
+    from uld_vllm.demo import SHARED_DATA, builtin_authors
+
+    full = Path(tofu_dir) / "full.jsonl" if tofu_dir else SHARED_DATA / "tofu" / "full.jsonl"
+    if full.is_file():
+        rows = [json.loads(ln) for ln in full.read_text().splitlines() if ln.strip()]
+        step = max(1, len(rows) // max(n, 1))
+        picked = [r["question"] for r in rows[::step]]
+        return [picked[i % len(picked)] for i in range(n)], f"{full} (every {step}th row)"
+    builtin = [r["question"] for a in builtin_authors() for r in a]
+    return [builtin[i % len(builtin)] for i in range(n)], "built-in questions (no TOFU data)"
+
+
+def question_prompts(model: str, qs: list[str]) -> tuple[list[list[int]], str]:
+    """Prompt token ids formatted as the demo and the trainer do (chat template or [INST])."""
+    from transformers import AutoTokenizer
+
+    from uld_vllm.train.dataset import PromptFormatter
+
+    fmt = PromptFormatter(AutoTokenizer.from_pretrained(model))
+    return [fmt.encode_prompt(q) for q in qs], fmt.description
+
+
+def fixed_prompts(model: str, count: int, length: int) -> list[list[int]]:
+    """``count`` different prompts of exactly ``length`` token ids."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    words = "the author wrote about a quiet river in the northern sea".split()
+    out = []
+    for i in range(count):
+        text = " ".join(words[(i + j) % len(words)] for j in range(length * 2))
+        ids = tok(text)["input_ids"]
+        while len(ids) < length:
+            ids = ids + ids
+        out.append(ids[:length])
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def shutdown(llm) -> None:
+    """Stop an offline vLLM engine's processes (frees its cores before the next system)."""
+    llm.llm_engine.engine_core.shutdown()

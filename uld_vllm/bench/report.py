@@ -1,0 +1,171 @@
+"""Terminal tables and PNG charts (matplotlib, Agg) for the benchmark results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LABELS = {"plain": "plain vLLM", "uld": "ULD engine", "reference_b4": "reference b4",
+          "reference_vllm_batch": "reference vLLM-batch"}
+COLORS = {"plain": "#4c72b0", "uld": "#dd8452", "reference_b4": "#55a868",
+          "reference_vllm_batch": "#8172b3"}
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                     for i, (h, w) in enumerate(zip(headers, widths)))
+    out = [line, "-" * len(line)]
+    for r in rows:
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(out)
+
+
+def workload_label(w: dict) -> str:
+    if w["kind"] == "decode":
+        return f"decode b{w['batch']} x{w['max_tokens']}"
+    return f"eval {w['prompts']}q <={w['max_tokens']}"
+
+
+def throughput_table(rep: dict) -> str:
+    headers = ["workload", "plain tok/s", "ULD tok/s", "ref b4 tok/s", "ref vLLM-b tok/s",
+               "ULD/plain", "ULD/ref b4", "ULD/ref vLLM-b"]
+    rows = []
+    for w in rep["workloads"]:
+        r = w["results"]
+        ref_b = r["reference_vllm_batch"]["batch"]
+        label = workload_label(w)
+        if w["kind"] == "eval" and w["reference_prompts"] < w["prompts"]:
+            label += f" (ref: first {w['reference_prompts']})"
+        rows.append([label, *(f"{r[s]['tokens_per_s']:.1f}" for s in ("plain", "uld",
+                                                                       "reference_b4")),
+                     f"{r['reference_vllm_batch']['tokens_per_s']:.1f} (b{ref_b})",
+                     *(f"{w['ratios'][k]:.3f}" for k in ("uld_over_plain",
+                                                         "uld_over_reference_b4",
+                                                         "uld_over_reference_vllm_batch"))])
+    m, t, s = rep["model"], rep["threads"], rep["systems"]
+    lines = [
+        "",
+        f"machine: {rep['machine']['cpu']} ({rep['machine']['logical_cpus']} logical CPUs"
+        + (f", GPU {rep['machine']['gpu']}" if "gpu" in rep["machine"] else "") + f"), "
+        f"{rep['dtype']}, vLLM {rep['machine']['vllm']}, torch {rep['machine']['torch']}",
+        f"model: {m['model']} ({m.get('parameters') or '?'} parameters; hidden {m['hidden']}, "
+        f"{m['layers']} layers, vocab {m['vocab']}); ULD K={m['k']}, alpha {m['alpha']}, "
+        f"filter ratio {m['filter_ratio']}",
+        f"threads: {t['threads']} (VLLM_CPU_OMP_THREADS_BIND={t['VLLM_CPU_OMP_THREADS_BIND']}, "
+        f"VLLM_CPU_NUM_OF_RESERVED_CPU={t['VLLM_CPU_NUM_OF_RESERVED_CPU']}; reference: "
+        f"{t['reference']}); KV cache {rep['kv_cache_gib']} GiB",
+        "",
+        table(headers, rows),
+        "",
+        "peak RSS, process + children (MiB): " + ", ".join(
+            f"{LABELS[k]} {s[k]['peak_rss_mib']:.0f}" for k in ("plain", "uld", "reference_b4"))
+        + " (both reference runs share one process phase)",
+        "engine/model start (s): " + ", ".join(
+            f"{LABELS[k]} {s[k]['start_s']:.1f}" for k in ("plain", "uld", "reference_b4")),
+    ]
+    for w in rep["workloads"]:
+        lines.append(f"{workload_label(w)}: ULD greedy output identical to the reference on "
+                     f"{w['uld_greedy_same_as_reference']:.0%} of prompts")
+    for label, tgt in rep["targets"].items():
+        lines.append(f"target {label} >= {tgt['target']}: measured {tgt['measured']:.3f} -> "
+                     f"{'MET' if tgt['met'] else 'MISSED'}")
+    la = rep["load_average"]
+    lines.append(f"load average before {la['before']}, after {la['after']}; wall "
+                 f"{rep['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def throughput_chart(rep: dict, path: Path) -> None:
+    plt = _plt()
+    loads = rep["workloads"]
+    fig, (ax, mx) = plt.subplots(1, 2, figsize=(5 + 2.2 * len(loads), 5.2),
+                                 gridspec_kw={"width_ratios": [max(2, len(loads)), 1.3]})
+    width = 0.2
+    for j, s in enumerate(LABELS):
+        xs = [i + (j - 1.5) * width for i in range(len(loads))]
+        ax.bar(xs, [w["results"][s]["tokens_per_s"] for w in loads], width, label=LABELS[s],
+               color=COLORS[s])
+    top = max(w["results"][s]["tokens_per_s"] for w in loads for s in LABELS)
+    for i, w in enumerate(loads):
+        ax.text(i, top * 1.04, f"ULD/plain {w['ratios']['uld_over_plain']:.2f}\n"
+                f"ULD/ref b4 {w['ratios']['uld_over_reference_b4']:.1f}x",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(loads)), [workload_label(w) for w in loads], fontsize=8)
+    ax.set_ylabel("generated tokens / s")
+    ax.set_ylim(0, top * 1.25)
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    ax.set_title(f"throughput, {rep['threads']['threads']} thread(s), {rep['dtype']}",
+                 fontsize=10)
+    names = ["plain", "uld", "reference_b4"]
+    mx.bar(range(3), [rep["systems"][s]["peak_rss_mib"] for s in names],
+           color=[COLORS[s] for s in names])
+    mx.set_xticks(range(3), ["plain", "ULD", "reference"], fontsize=8)
+    mx.set_ylabel("peak RSS incl. children (MiB)")
+    mx.set_title("memory", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+SERVING_SYSTEMS = {"plain": "plain server", "uld": "--uld-adapter server"}
+
+
+def serving_table(rep: dict) -> str:
+    headers = ["server", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
+               "TPOT p99 ms", "peak RSS MiB"]
+    rows = []
+    for s, label in SERVING_SYSTEMS.items():
+        r = rep["systems"][s]
+        rows.append([label, f"{r['request_throughput_rps']:.2f}",
+                     f"{r['output_tokens_per_s']:.1f}",
+                     *(f"{r[m][q]:.1f}" for m in ("ttft_ms", "tpot_ms") for q in ("p50", "p99")),
+                     f"{r['peak_rss_mib']:.0f}"])
+    c, t = rep["load"], rep["threads"]
+    return "\n".join([
+        "",
+        f"machine: {rep['machine']['cpu']} ({rep['machine']['logical_cpus']} logical CPUs), "
+        f"{rep['dtype']}; threads: {t['threads']} (VLLM_CPU_OMP_THREADS_BIND="
+        f"{t['VLLM_CPU_OMP_THREADS_BIND']}); KV cache {rep['kv_cache_gib']} GiB",
+        f"load: {c['requests']} streaming /v1/completions requests, {c['concurrency']} at a "
+        f"time, {c['max_tokens']} tokens each (ignore_eos, greedy), prompts: {c['prompts']}",
+        "",
+        table(headers, rows),
+        "",
+        f"ULD / plain: request throughput {rep['ratios']['request_throughput']:.3f}, TPOT p50 "
+        f"{rep['ratios']['tpot_p50']:.3f}x, TTFT p50 {rep['ratios']['ttft_p50']:.3f}x",
+        f"load average before {rep['load_average']['before']}, after "
+        f"{rep['load_average']['after']}; wall {rep['wall_s']:.0f} s",
+    ])
+
+
+def serving_chart(rep: dict, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    names = list(SERVING_SYSTEMS)
+    colors = [COLORS[s] for s in names]
+    axes[0].bar(names, [rep["systems"][s]["request_throughput_rps"] for s in names],
+                color=colors)
+    axes[0].set_title("requests / s", fontsize=10)
+    for ax, metric, title in ((axes[1], "ttft_ms", "time to first token (ms)"),
+                              (axes[2], "tpot_ms", "time per output token (ms)")):
+        for j, q in enumerate(("p50", "p99")):
+            ax.bar([i + (j - 0.5) * 0.38 for i in range(len(names))],
+                   [rep["systems"][s][metric][q] for s in names], 0.38, label=q,
+                   color=colors, alpha=1.0 if q == "p50" else 0.55)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title(title + "  (p50 | p99)", fontsize=10)
+    fig.suptitle(f"serving: {rep['load']['requests']} requests at concurrency "
+                 f"{rep['load']['concurrency']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,272 @@
+"""`uld-vllm bench throughput`: tokens/s of plain vLLM, the ULD engine and the reference decoder.
+
+One process measures, on the same model and the same prompt token ids, in turn:
+
+1. ``plain``: plain vLLM serving the target (``vllm.LLM``);
+2. ``uld``: ULD through this project's engine (``uld_vllm.LLM(model, uld_adapter=...)``);
+3. ``reference_b4``: the reference-style decoder (two HF models stepped one after the other,
+   static batches of 4, as the original implementation evaluates);
+4. ``reference_vllm_batch``: the same decoder with the batch vLLM ran (the whole batch).
+
+Workloads: fixed-length decode (``--batches`` x ``--new-tokens``, ``ignore_eos``, prompts of
+``--prompt-tokens`` tokens) and a TOFU-like eval (``--eval-prompts`` TOFU questions formatted as
+the demo does, greedy, up to ``--eval-max-tokens`` new tokens, stopping at EOS). Writes
+``throughput.json`` and ``throughput.png`` to ``--out`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+from uld_vllm.bench import common
+
+SYSTEMS = ("plain", "uld", "reference_b4", "reference_vllm_batch")
+RATIOS = {"uld_over_plain": "plain", "uld_over_reference_b4": "reference_b4",
+          "uld_over_reference_vllm_batch": "reference_vllm_batch"}
+# the issue's goals: (which workloads, which ratio, at least)
+TARGETS = ((lambda w: w["kind"] == "decode" and w["batch"] == 32, "uld_over_plain", 0.80),
+           (lambda w: w["kind"] == "eval", "uld_over_reference_b4", 3.0))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="uld-vllm bench throughput",
+                                description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_model_args(p)
+    w = p.add_argument_group("workloads")
+    w.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32],
+                   help="decode batch sizes")
+    w.add_argument("--new-tokens", type=int, nargs="+", default=[128],
+                   help="decode lengths (every batch x every length)")
+    w.add_argument("--prompt-tokens", type=int, default=32, help="decode prompt length")
+    w.add_argument("--repeats", type=int, default=3,
+                   help="decode runs per vLLM system (the median is reported)")
+    w.add_argument("--reference-repeats", type=int, default=1,
+                   help="decode runs per reference system (minutes each at full size)")
+    w.add_argument("--eval-prompts", type=int, default=300, help="0 skips the eval")
+    w.add_argument("--eval-max-tokens", type=int, default=200)
+    w.add_argument("--reference-eval-prompts", type=int, default=40,
+                   help="the reference decoders run the eval on the first N of the eval "
+                        "prompts (0: all); its tokens/s is a rate, so a subset measures it")
+    w.add_argument("--reference-batch", type=int, default=4,
+                   help="static batch of the reference-style decoder")
+    w.add_argument("--tofu-dir", default=None, help="default: ../shared/data/tofu")
+    w.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
+    w.add_argument("--no-eager", action="store_true",
+                   help="let vLLM compile / use CUDA graphs (default: enforce_eager, both)")
+    a = p.parse_args(argv)
+    for name in ("batches", "new_tokens"):
+        if min(getattr(a, name)) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("prompt_tokens", "repeats", "reference_repeats", "eval_max_tokens",
+                 "reference_batch"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.eval_prompts < 0 or a.reference_eval_prompts < 0:
+        p.error("--eval-prompts and --reference-eval-prompts must be >= 0")
+    return a
+
+
+def make_workloads(args, model: str, log) -> list[dict]:
+    loads = []
+    fixed = common.fixed_prompts(model, max(args.batches), args.prompt_tokens)
+    for n in args.new_tokens:
+        for b in args.batches:
+            loads.append({"name": f"decode_b{b}" + (f"_t{n}" if len(args.new_tokens) > 1
+                                                     else ""),
+                          "kind": "decode", "batch": b, "max_tokens": n, "ignore_eos": True,
+                          "prompts": fixed[:b], "repeats": args.repeats})
+    if args.eval_prompts:
+        qs, source = common.questions(args.eval_prompts, args.tofu_dir)
+        prompts, template = common.question_prompts(model, qs)
+        n_ref = args.reference_eval_prompts or len(prompts)
+        loads.append({"name": "eval", "kind": "eval", "batch": len(prompts),
+                      "max_tokens": args.eval_max_tokens, "ignore_eos": False,
+                      "prompts": prompts, "reference_prompts": min(n_ref, len(prompts)),
+                      "source": source, "template": template, "repeats": 1})
+        log(f"eval: {len(prompts)} questions from {source}, prompt format {template}, prompt "
+            f"tokens {min(map(len, prompts))}-{max(map(len, prompts))}")
+    return loads
+
+
+def run_vllm(make, loads, log) -> tuple[dict, dict, dict]:
+    """Start one engine, run every workload, stop it. Returns (system facts, results, outputs)."""
+    from vllm import SamplingParams
+
+    results, outputs = {}, {}
+    with common.PeakRSS() as mem:
+        t0 = time.perf_counter()
+        llm = make()
+        start_s = time.perf_counter() - t0
+        llm.generate([{"prompt_token_ids": loads[0]["prompts"][0]}],
+                     SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        for w in loads:
+            params = SamplingParams(max_tokens=w["max_tokens"], temperature=0.0,
+                                    ignore_eos=w["ignore_eos"])
+            inputs = [{"prompt_token_ids": p} for p in w["prompts"]]
+            times = []
+            for _ in range(w["repeats"]):
+                t = time.perf_counter()
+                outs = llm.generate(inputs, params, use_tqdm=False)
+                times.append(time.perf_counter() - t)
+            ids = [list(o.outputs[0].token_ids) for o in outs]
+            results[w["name"]] = _rate(ids, times, batch=len(inputs))
+            outputs[w["name"]] = ids
+            log(f"  {w['name']}: {results[w['name']]['tokens_per_s']:.1f} tokens/s")
+        sched = getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+        facts = {"start_s": round(start_s, 3),
+                 "max_num_seqs": getattr(sched, "max_num_seqs", None)}
+        common.shutdown(llm)
+        del llm
+    facts["peak_rss_mib"] = mem.peak_mib
+    return facts, results, outputs
+
+
+def run_reference(model, adapter, args, loads, vllm_batch: dict, bind: dict, log):
+    """Both reference systems in one loaded decoder, on the bound cores."""
+    import torch
+
+    from uld_vllm.reference import ReferenceDecoder
+
+    saved_threads, saved_cores = torch.get_num_threads(), os.sched_getaffinity(0)
+    torch.set_num_threads(bind["threads"])
+    os.sched_setaffinity(0, bind["cores"])
+    results = {s: {} for s in SYSTEMS[2:]}
+    outputs = {}
+    try:
+        with common.PeakRSS() as mem:
+            t0 = time.perf_counter()
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dec = ReferenceDecoder.load(model, adapter, alpha=args.uld_alpha,
+                                        filter_ratio=args.uld_filter_ratio,
+                                        dtype=getattr(torch, args.dtype), device=device)
+            start_s = time.perf_counter() - t0
+            dec.generate([loads[0]["prompts"][0]], max_new_tokens=2)  # warm-up
+            for w in loads:
+                prompts = w["prompts"][:w.get("reference_prompts", len(w["prompts"]))]
+                batches = {"reference_b4": args.reference_batch,
+                           "reference_vllm_batch": min(len(prompts), vllm_batch[w["name"]])}
+                done = {}
+                for system, bs in batches.items():
+                    eff = min(bs, len(prompts))
+                    if eff in done:  # the same static batches: the same run
+                        results[system][w["name"]] = {**results[done[eff]][w["name"]],
+                                                      "same_run_as": done[eff]}
+                        continue
+                    times = []
+                    for _ in range(1 if w["kind"] == "eval" else args.reference_repeats):
+                        t = time.perf_counter()
+                        outs = dec.generate(prompts, max_new_tokens=w["max_tokens"],
+                                            temperature=0.0, batch_size=bs,
+                                            ignore_eos=w["ignore_eos"], progress=False)
+                        times.append(time.perf_counter() - t)
+                    ids = [o.token_ids for o in outs]
+                    results[system][w["name"]] = _rate(ids, times, batch=eff)
+                    outputs.setdefault(w["name"], ids)
+                    done[eff] = system
+                    log(f"  {system} {w['name']}: "
+                        f"{results[system][w['name']]['tokens_per_s']:.1f} tokens/s")
+    finally:
+        torch.set_num_threads(saved_threads)
+        os.sched_setaffinity(0, saved_cores)
+    facts = {"start_s": round(start_s, 3), "peak_rss_mib": mem.peak_mib,
+             "batch": args.reference_batch, "device": device}
+    return {"reference_b4": facts, "reference_vllm_batch": {**facts, "batch": "vLLM's"}}, \
+        results, outputs
+
+
+def _rate(ids: list[list[int]], times: list[float], batch: int) -> dict:
+    tokens = sum(len(x) for x in ids)
+    sec = statistics.median(times)
+    return {"tokens": tokens, "seconds": round(sec, 3), "tokens_per_s": tokens / sec,
+            "runs_s": [round(t, 3) for t in times], "batch": batch}
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = print
+    bind = common.bind_cpu(args.threads)
+    load_before = common.load_average()
+    m = common.resolve_model(args, log=log)
+    facts = common.model_facts(m["model"], m["adapter"])
+    loads = make_workloads(args, m["model"], log)
+    max_len = max(max(map(len, w["prompts"])) + w["max_tokens"] for w in loads) + 16
+    biggest = max(min(len(w["prompts"]), args.max_num_seqs or 256) for w in loads)
+    if args.kv_cache_gib is not None:
+        kv = (args.kv_cache_gib, "--kv-cache-gib")
+    elif os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        kv = (int(os.environ["VLLM_CPU_KVCACHE_SPACE"]), "VLLM_CPU_KVCACHE_SPACE")
+    else:
+        kv = (common.kv_cache_gib(facts, args.dtype, biggest, max_len),
+              f"sized for {biggest} sequences of {max_len} tokens in the ULD engine")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv[0])
+    log(f"model {m['model']} ({facts['parameters'] or '?'} parameters), adapter "
+        f"{m['adapter']} (K={facts['k']}); {args.dtype}; threads: {bind['vllm']}; KV cache "
+        f"{kv[0]} GiB ({kv[1]})")
+
+    from vllm import LLM as PlainLLM
+
+    import uld_vllm
+
+    kw = dict(dtype=args.dtype, max_model_len=max_len, enforce_eager=not args.no_eager, seed=0)
+    if args.max_num_seqs:
+        kw["max_num_seqs"] = args.max_num_seqs
+    uld_kw = dict(uld_adapter=m["adapter"], uld_alpha=args.uld_alpha,
+                  uld_filter_ratio=args.uld_filter_ratio)
+    systems, results, outputs = {}, {}, {}
+    for name, make in (("plain", lambda: PlainLLM(m["model"], **kw)),
+                       ("uld", lambda: uld_vllm.LLM(m["model"], **uld_kw, **kw))):
+        log(f"{name}: starting the engine")
+        systems[name], results[name], outputs[name] = run_vllm(make, loads, log)
+    seqs = systems["uld"]["max_num_seqs"] or 256
+    vllm_batch = {w["name"]: min(len(w["prompts"]), seqs) for w in loads}
+    log("reference: loading the two HF models")
+    ref_sys, ref_res, outputs["reference"] = run_reference(m["model"], m["adapter"], args,
+                                                           loads, vllm_batch, bind, log)
+    systems.update(ref_sys)
+    results.update(ref_res)
+
+    report = {"benchmark": "throughput", "machine": common.machine_info(), "threads": bind,
+              "kv_cache_gib": kv[0], "kv_cache_source": kv[1], "dtype": args.dtype,
+              "model": {**m, **facts}, "memory_method": common.PeakRSS.METHOD,
+              "systems": systems, "workloads": [], "config": vars(args)}
+    for w in loads:
+        row = {k: v for k, v in w.items() if k != "prompts"}
+        row["prompts"] = len(w["prompts"])
+        row["vllm_batch"] = vllm_batch[w["name"]]
+        row["results"] = {s: results[s][w["name"]] for s in SYSTEMS}
+        row["ratios"] = {r: row["results"]["uld"]["tokens_per_s"]
+                         / row["results"][s]["tokens_per_s"] for r, s in RATIOS.items()}
+        n = row.get("reference_prompts", row["prompts"])
+        same = sum(a == b for a, b in zip(outputs["uld"][w["name"]][:n],
+                                          outputs["reference"][w["name"]]))
+        row["uld_greedy_same_as_reference"] = same / n
+        report["workloads"].append(row)
+    report["targets"] = targets(report)
+    report["load_average"] = {"before": load_before, "after": common.load_average()}
+    report["wall_s"] = round(time.perf_counter() - t_start, 1)
+    common.write_json(out / "throughput.json", report)
+    from uld_vllm.bench.report import throughput_chart, throughput_table
+
+    throughput_chart(report, out / "throughput.png")
+    print(throughput_table(report))
+    print(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'}")
+    return 0
+
+
+def targets(report: dict) -> dict:
+    out = {}
+    for pick, ratio, goal in TARGETS:
+        for w in filter(pick, report["workloads"]):
+            got = w["ratios"][ratio]
+            out[f"{ratio} {w['name']}"] = {"target": goal, "measured": round(got, 3),
+                                           "met": got >= goal}
+    return out
+
