@@ -3,8 +3,6 @@
 import subprocess
 import sys
 
-import pytest
-
 
 def run(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "uld_vllm.cli", *args], capture_output=True,
@@ -31,12 +29,6 @@ def test_make_tiny_model_and_random_adapter(tmp_path):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("uld-vllm: error:") and "K=2" in err[0]
     assert not (tmp_path / "b").exists()
-
-
-@pytest.mark.parametrize("cmd", ["eval"])
-def test_pending_subcommands_say_so(cmd):
-    r = run(cmd)
-    assert r.returncode == 2 and "not available yet" in r.stderr
 
 
 def test_bad_architecture_is_one_line(tmp_path):

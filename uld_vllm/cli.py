@@ -7,11 +7,6 @@ import sys
 
 from uld_vllm.errors import UldError
 
-# Subcommands whose issues have not landed yet say so instead of pretending to work.
-_PENDING = {
-    "eval": "`uld-vllm eval` arrives with the TOFU evaluation",
-}
-
 
 def _add_tiny_model(sub) -> None:
     p = sub.add_parser("make-tiny-model", help="build a random local model with a BPE tokenizer")
@@ -91,14 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="`vllm serve MODEL --uld-adapter DIR ...` (every vllm serve flag works)")
     sub.add_parser("bench", add_help=False,
                    help="benchmarks: `bench throughput ...`, `bench serving ...` (--help each)")
-    for name, why in _PENDING.items():
-        p = sub.add_parser(name, help=f"(not available yet) {why}", add_help=False)
-        p.set_defaults(func=lambda a, why=why: _pending(why))
+    _add_eval(sub)
     return parser
 
 
-def _pending(why: str) -> None:
-    raise UldError(f"not available yet: {why}", "see README.md for what this release provides")
+def _add_eval(sub) -> None:
+    from uld_vllm.eval.tofu import add_tofu_parser
+
+    p = sub.add_parser("eval", help="evaluate a model (with or without ULD) on a benchmark")
+    add_tofu_parser(p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK"))
 
 
 def serve(argv: list[str]) -> int:
@@ -135,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench(argv[1:])
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in _PENDING:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     try:
         args.func(args)
     except UldError as exc:

@@ -312,6 +312,17 @@ def check_same_split(run_forget: Mapping[str, Sequence], reference_forget: Mappi
                        f"({_question(b)[:60]!r} vs this run's {_question(a)[:60]!r})", _FIX_REF)
 
 
+def reference_for(run_forget: Mapping[str, Sequence], reference_forget: Log) -> Log:
+    """The reference forget log cut to this run's examples: a run over the first M examples
+    (--max-examples) is compared with the reference's first M. Raises if they are not the
+    same questions (another forget split, another order)."""
+    n_run = len(run_forget["avg_gt_loss"])
+    if len(reference_forget["avg_gt_loss"]) > n_run:
+        reference_forget = {k: v[:n_run] for k, v in reference_forget.items()}
+    check_same_split(run_forget, reference_forget)
+    return reference_forget
+
+
 def aggregate(logs: Mapping[str, Mapping[str, Sequence]],
               reference_forget_log: Mapping[str, Any] | None = None) -> dict[str, float]:
     """The aggregated_stat.csv row: 12 split metrics, Model Utility and, given a retain model's
@@ -329,13 +340,7 @@ def aggregate(logs: Mapping[str, Mapping[str, Sequence]],
                                           if f != FORGET for m in SPLIT_METRICS])
     if reference_forget_log is not None:
         ref = reference_forget_log.get(FORGET, reference_forget_log)
-        ref = check_log(ref, "reference forget log")
-        n_run = len(checked[FORGET]["avg_gt_loss"])
-        if len(ref["avg_gt_loss"]) > n_run:
-            # a run over the first M examples (--max-examples) is compared with the
-            # reference's first M; check_same_split still checks that they are the same M
-            ref = {k: v[:n_run] for k, v in ref.items()}
-        check_same_split(checked[FORGET], ref)
+        ref = reference_for(checked[FORGET], check_log(ref, "reference forget log"))
         fq = forget_quality(truth_ratios(checked[FORGET]), truth_ratios(ref))
         out.update(zip(FQ_KEYS, (fq.pvalue, fq.pvalue, fq.statistic)))
     return out
