@@ -126,11 +126,11 @@ def _count_parameters(model: str) -> int | None:
     return n
 
 
-def kv_cache_gib(facts: dict, dtype: str, seqs: int, seq_len: int) -> int:
-    """GiB of KV cache that holds ``seqs`` sequences of ``seq_len`` tokens in the ULD engine."""
+def kv_cache_gib(facts: dict, dtype: str, tokens: int) -> int:
+    """GiB of KV cache that holds ``tokens`` tokens in the ULD engine (N + K layers), +15%."""
     elem = 4 if dtype == "float32" else 2
     per_token = facts["kv_bytes_per_token_per_layer"] * elem * (facts["layers"] + facts["k"])
-    return max(1, math.ceil(1.15 * seqs * seq_len * per_token / 2**30))
+    return max(1, math.ceil(1.15 * tokens * per_token / 2**30))
 
 
 def bind_cpu(threads: int) -> dict:

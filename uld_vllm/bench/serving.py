@@ -189,8 +189,9 @@ def main(argv: list[str]) -> int:
     elif os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         kv = (int(os.environ["VLLM_CPU_KVCACHE_SPACE"]), "VLLM_CPU_KVCACHE_SPACE")
     else:
-        kv = (common.kv_cache_gib(facts, args.dtype, args.concurrency, max_len),
-              f"sized for {args.concurrency} sequences of {max_len} tokens in the ULD engine")
+        need = args.concurrency * max_len
+        kv = (common.kv_cache_gib(facts, args.dtype, need),
+              f"sized for {need} tokens at once in the ULD engine")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv[0])
     base_args = [m["model"], "--dtype", args.dtype, "--max-model-len", str(max_len),
                  "--seed", "0", "--served-model-name", "bench"]

@@ -198,14 +198,17 @@ def main(argv: list[str]) -> int:
     facts = common.model_facts(m["model"], m["adapter"])
     loads = make_workloads(args, m["model"], log)
     max_len = max(max(map(len, w["prompts"])) + w["max_tokens"] for w in loads) + 16
-    biggest = max(min(len(w["prompts"]), args.max_num_seqs or 256) for w in loads)
+    max_seqs = args.max_num_seqs or 256  # vLLM's CPU default for the offline LLM
+    # the KV cache holds the longest sequences of the largest batch vLLM runs at once
+    need = max(sum(sorted((len(p) + w["max_tokens"] for p in w["prompts"]),
+                          reverse=True)[:max_seqs]) for w in loads)
     if args.kv_cache_gib is not None:
         kv = (args.kv_cache_gib, "--kv-cache-gib")
     elif os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         kv = (int(os.environ["VLLM_CPU_KVCACHE_SPACE"]), "VLLM_CPU_KVCACHE_SPACE")
     else:
-        kv = (common.kv_cache_gib(facts, args.dtype, biggest, max_len),
-              f"sized for {biggest} sequences of {max_len} tokens in the ULD engine")
+        kv = (common.kv_cache_gib(facts, args.dtype, need),
+              f"sized for {need} tokens at once in the ULD engine")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv[0])
     log(f"model {m['model']} ({facts['parameters'] or '?'} parameters), adapter "
         f"{m['adapter']} (K={facts['k']}); {args.dtype}; threads: {bind['vllm']}; KV cache "
