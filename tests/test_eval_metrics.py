@@ -276,3 +276,16 @@ def test_index_keyed_reference_equals_list_reference(shared_data):
     for name in M.LOG_FILES:
         assert M.check_log(keyed[name], name) == listed[name]
     assert M.aggregate(keyed, keyed) == M.aggregate(listed, listed[M.FORGET])
+
+
+def test_a_run_over_the_first_examples_is_compared_with_the_references_first(shared_data):
+    """--max-examples 100 against retain90's 300-row forget log: its first 100 rows are the
+    reference, so the same model's logs give forget quality 1; other rows would not."""
+    logs = M.load_log_dir(shared_data / REF / "retain90")
+    head = {name: {k: v[:100] for k, v in log.items()} for name, log in logs.items()}
+    assert M.aggregate(head, logs)["Forget Quality"] == 1.0
+    cut = M.reference_for(head[M.FORGET], logs[M.FORGET])
+    assert len(cut["avg_gt_loss"]) == 100
+    tail = {**head, M.FORGET: {k: v[200:300] for k, v in logs[M.FORGET].items()}}
+    with pytest.raises(UldError, match="different question at example 0"):
+        M.aggregate(tail, logs)

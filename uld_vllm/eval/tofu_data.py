@@ -9,6 +9,7 @@ answers (5 on forget/retain, 3 on real authors / world facts).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 from uld_vllm.errors import UldError
@@ -38,6 +39,10 @@ def set_names(forget_split: str) -> dict[str, str]:
 
 def _rows(data_dir: str | None, stem: str) -> tuple[list[dict], str]:
     if data_dir is None:
+        if importlib.util.find_spec("datasets") is None:
+            raise UldError(f"without --data-dir the TOFU sets come from the Hub ({HUB_DATASET}),"
+                           " and the `datasets` package is not installed",
+                           "pip install datasets, or pass --data-dir with TOFU's JSONL files")
         spec = f"{HUB_DATASET}:{stem}@train"
         return read_rows(spec, f"TOFU set {stem}"), spec
     path = Path(data_dir) / f"{stem}.jsonl"
