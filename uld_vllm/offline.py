@@ -9,6 +9,7 @@ unchanged on N Ray replicas (`uld_vllm.replicas`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import os
@@ -48,20 +49,14 @@ def add_engine_args(parser) -> None:
     e.add_argument("--tensor-parallel-size", type=int, default=1)
     e.add_argument("--max-num-seqs", type=int, default=None)
     e.add_argument("--enforce-eager", action="store_true")
-    e.add_argument("--enable-prefix-caching", action=_BoolFlag, default=None)
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=None)
     e.add_argument("--gpu-memory-utilization", type=float, default=None)
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--revision", default=None)
     e.add_argument("--replicas", type=int, default=1,
                    help="data-parallel engine replicas through Ray Data (each with "
                         "--tensor-parallel-size devices); needs `pip install uld-vllm[ray]`")
-
-
-class _BoolFlag:  # argparse.BooleanOptionalAction without importing argparse at module level
-    def __new__(cls, *args, **kwargs):
-        import argparse
-
-        return argparse.BooleanOptionalAction(*args, **kwargs)
 
 
 def engine_spec(a) -> EngineSpec:
