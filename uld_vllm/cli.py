@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from uld_vllm.errors import UldError
+from uld_vllm.errors import exit_status
 
 
 def _add_tiny_model(sub) -> None:
@@ -132,15 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except UldError as exc:
-        print(f"uld-vllm: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("uld-vllm: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(args.func, args)
 
 
 if __name__ == "__main__":

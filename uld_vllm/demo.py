@@ -175,13 +175,15 @@ def _generate(target_dir: Path, adapter_dir: Path, prompts: list[list[int]], *, 
                                     uld_alpha=alpha, uld_filter_ratio=filter_ratio, **kw),
     }
     out = {}
+    from uld_vllm.offline import shutdown
+
     for name, make in engines.items():
         llm = make()
         try:
             out[name] = [r.outputs[0].text.strip()
                          for r in llm.generate(inputs, params, use_tqdm=False)]
         finally:
-            llm.llm_engine.engine_core.shutdown()  # free the cores before the next engine
+            shutdown(llm)  # free the cores before the next engine
     return out
 
 

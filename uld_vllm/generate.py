@@ -24,6 +24,7 @@ from uld_vllm.offline import (
     Job,
     Progress,
     add_engine_args,
+    add_model_args,
     engine_spec,
     run_jobs,
     shutdown,
@@ -34,10 +35,7 @@ from uld_vllm.rows import read_rows
 
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="batch generation over a JSONL file (ULD or plain)")
-    p.add_argument("--model", required=True, help="target model: hub id or folder")
-    p.add_argument("--uld-adapter", default=None, help="ULD adapter folder (omit: plain vLLM)")
-    p.add_argument("--uld-alpha", type=float, default=None)
-    p.add_argument("--uld-filter-ratio", type=float, default=None)
+    add_model_args(p, "ULD adapter folder (omit: plain vLLM)")
     p.add_argument("--input", required=True,
                    help="JSONL file, one object per line, or Hub dataset NAME[:CONFIG][@SPLIT]")
     p.add_argument("--output", required=True, help="JSONL; complete once it exists")

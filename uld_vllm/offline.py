@@ -32,13 +32,24 @@ class EngineSpec:
     vllm_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def build(self):
-        # the eval flips the ULD mode of a running engine (one engine for scoring and
-        # generation); the function travels to vLLM's engine process over its local IPC
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        if self.uld_adapter is not None:
+            # the eval flips the ULD mode of a running engine (one engine for scoring and
+            # generation); the function travels to vLLM's engine process over its local IPC
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         from uld_vllm.llm import LLM
 
         return LLM(self.model, uld_adapter=self.uld_adapter, uld_alpha=self.uld_alpha,
                    uld_filter_ratio=self.uld_filter_ratio, **self.vllm_kwargs)
+
+
+def add_model_args(parser, adapter_help: str) -> None:
+    """The target and its optional ULD adapter (generate, eval)."""
+    parser.add_argument("--model", required=True, help="target model: hub id or folder")
+    parser.add_argument("--uld-adapter", default=None, help=adapter_help)
+    parser.add_argument("--uld-alpha", type=float, default=None,
+                        help="default: the adapter's uld_config.json")
+    parser.add_argument("--uld-filter-ratio", type=float, default=None,
+                        help="default: the adapter's uld_config.json")
 
 
 def add_engine_args(parser) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from uld_vllm.errors import UldError
+from uld_vllm.errors import UldError, exit_status
 
 BENCHMARKS = {
     "throughput": "offline tokens/s: plain vLLM vs the ULD engine vs the reference decoder",
@@ -26,18 +26,14 @@ def main(argv: list[str] | None = None) -> int:
         print("`uld-vllm bench NAME --help` lists a benchmark's flags.",
               file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    try:
-        if name == "throughput":
-            from uld_vllm.bench.throughput import main as run
-        elif name == "serving":
-            from uld_vllm.bench.serving import main as run
-        else:
-            raise UldError(f"unknown benchmark {name!r}", "choose throughput or serving")
-        return run(rest)
-    except UldError as exc:
-        print(f"uld-vllm: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("uld-vllm: interrupted", file=sys.stderr)
-        return 130
+    return exit_status(_run, argv[0], argv[1:])
+
+
+def _run(name: str, rest: list[str]) -> int:
+    if name == "throughput":
+        from uld_vllm.bench.throughput import main as run
+    elif name == "serving":
+        from uld_vllm.bench.serving import main as run
+    else:
+        raise UldError(f"unknown benchmark {name!r}", "choose throughput or serving")
+    return run(rest)

@@ -240,7 +240,9 @@ def questions(n: int, tofu_dir: str | None = None) -> tuple[list[str], str]:
 
     full = Path(tofu_dir) / "full.jsonl" if tofu_dir else SHARED_DATA / "tofu" / "full.jsonl"
     if full.is_file():
-        rows = [json.loads(ln) for ln in full.read_text().splitlines() if ln.strip()]
+        from uld_vllm.rows import read_rows
+
+        rows = read_rows(str(full), "TOFU questions")
         step = max(1, len(rows) // max(n, 1))
         picked = [r["question"] for r in rows[::step]]
         return [picked[i % len(picked)] for i in range(n)], f"{full} (every {step}th row)"
@@ -279,7 +281,3 @@ def write_json(path: Path, obj) -> None:
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
 
-
-def shutdown(llm) -> None:
-    """Stop an offline vLLM engine's processes (frees its cores before the next system)."""
-    llm.llm_engine.engine_core.shutdown()

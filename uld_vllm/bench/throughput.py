@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from uld_vllm.bench import common
+from uld_vllm.offline import shutdown
 
 SYSTEMS = ("plain", "uld", "reference_b4", "reference_vllm_batch")
 RATIOS = {"uld_over_plain": "plain", "uld_over_reference_b4": "reference_b4",
@@ -120,7 +121,7 @@ def run_vllm(make, loads, log) -> tuple[dict, dict, dict]:
         sched = getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None)
         facts = {"start_s": round(start_s, 3),
                  "max_num_seqs": getattr(sched, "max_num_seqs", None)}
-        common.shutdown(llm)
+        shutdown(llm)
         del llm
     facts["peak_rss_mib"] = mem.peak_mib
     return facts, results, outputs

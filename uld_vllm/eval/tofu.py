@@ -28,6 +28,7 @@ from uld_vllm.offline import (
     Job,
     Progress,
     add_engine_args,
+    add_model_args,
     engine_spec,
     result_tokens,
     run_jobs,
@@ -38,10 +39,7 @@ from uld_vllm.offline import (
 def add_tofu_parser(sub) -> None:
     p = sub.add_parser("tofu", help="TOFU forget/retain metrics (ROUGE-L, probability, truth "
                                     "ratio, forget quality, model utility)")
-    p.add_argument("--model", required=True, help="target model: hub id or folder")
-    p.add_argument("--uld-adapter", default=None, help="ULD adapter (omit: the plain target)")
-    p.add_argument("--uld-alpha", type=float, default=None)
-    p.add_argument("--uld-filter-ratio", type=float, default=None)
+    add_model_args(p, "ULD adapter folder (omit: evaluate the plain target)")
     p.add_argument("--data-dir", default=None,
                    help="folder with TOFU's JSONL files (omit: read locuslab/TOFU from the Hub)")
     p.add_argument("--forget-split", default="forget10", choices=FORGET_SPLITS)
