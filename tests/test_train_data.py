@@ -143,10 +143,11 @@ def test_csv_matching_no_forget_question_is_an_error(tmp_path):
 
 @needs_shared
 def test_tofu_forget01_recipe():
-    """D'_f = 40 + 80 paraphrases; D'_r = last 40 retain99 rows + 80 wrong answers."""
+    """D'_f = 40 + 80 paraphrases; D'_r = last 40 retain99 rows + 80 wrong answers (the
+    reference's min(400, |forget|) cut, asked for with max_retain)."""
     data = build_data(str(TOFU / "forget01.jsonl"), str(TOFU / "retain99.jsonl"),
                       paraphrase_csv=str(AUG / "forget01" / "paraphrase_res.csv"),
-                      perturbed_csv=str(AUG / "forget01" / "perturb_res.csv"))
+                      perturbed_csv=str(AUG / "forget01" / "perturb_res.csv"), max_retain=40)
     full = [json.loads(x) for x in (TOFU / "full.jsonl").read_text().splitlines()]
     assert data.stats["forget_rows"] == 40 and len(data.forget) == 40 + 80
     retain = [e for e in data.retain if e.origin == "retain"]
@@ -158,6 +159,9 @@ def test_tofu_forget01_recipe():
     # the perturb CSV's rows are forget10 in order (400 rows), yet forget01 rows match it
     table = read_perturbed_csv(str(AUG / "forget01" / "perturb_res.csv"))
     assert len(table) == 400
+    # the default keeps every retain row: broad retain data is what keeps general knowledge
+    every = build_data(str(TOFU / "forget01.jsonl"), str(TOFU / "retain99.jsonl"))
+    assert [e.prompt for e in every.retain] == [r["question"] for r in full[:3960]]
     assert perturbed[0].response == table[forget_q[0]][0]
     assert perturbed[0].response != full[3960]["answer"]
     # no header: the very first CSV row (forget10[0]) is data
@@ -222,6 +226,20 @@ def test_balanced_interleave_follows_the_reference_and_keeps_every_row():
     assert balanced_interleave([0, 1, 2], list(range(10, 17))) == \
         [0, 10, 11, 1, 12, 13, 2, 14, 15, 16]
     assert balanced_interleave([], [5, 6]) == [5, 6]
+
+
+def test_balanced_sampler_repeats_the_smaller_side():
+    s = InterleavedSampler(3, 8, seed=0, balance=True)
+    order = list(s)
+    assert len(order) == len(s) == 16
+    forget = [i for i in order if i < 3]
+    assert len(forget) == 8 and sorted(set(forget)) == [0, 1, 2]
+    assert sorted(i for i in order if i >= 3) == list(range(3, 11))  # each retain row once
+    # every forget row appears floor or ceil of 8/3 times (whole reshuffled passes first)
+    assert sorted(forget.count(i) for i in range(3)) == [2, 3, 3]
+    # 1:1 interleaving: no run of more than two retain rows
+    assert "rrr" not in "".join("f" if i < 3 else "r" for i in order)
+    assert sorted(InterleavedSampler(3, 0, seed=0, balance=True)) == [0, 1, 2]
 
 
 def test_sampler_is_a_seeded_permutation_per_epoch():

@@ -108,3 +108,40 @@ def test_retain_padding_does_not_change_default_loss():
     padded_mask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     assert float(UldLoss.retain_kl(padded, padded_mask)) == pytest.approx(
         float(UldLoss.retain_kl(logits, mask)), rel=1e-6)
+
+
+def test_selected_positions_give_the_same_loss_as_full_logits():
+    logits, labels, mask = _batch(B=4, T=6, V=9, seed=3)
+    labels[:, :2] = IGNORE_INDEX          # prompt
+    labels[3, 4:] = IGNORE_INDEX          # padding of row 3
+    mask[3, 4:] = 0
+    is_retain = torch.tensor([False, True, False, True])
+    for where in ("tokens", "all"):
+        full = UldLoss.compute(logits, labels, mask, is_retain, retain_weight=2.0,
+                               retain_positions=where)
+        f = UldLoss.forget_ce(logits[[0, 2]], labels[[0, 2]])
+        r = UldLoss.retain_kl(logits[[1, 3]], mask[[1, 3]], all_positions=where == "all")
+        assert float(full.forget) == pytest.approx(float(f), rel=1e-5)
+        assert float(full.retain) == pytest.approx(float(r), rel=1e-5)
+        assert float(full.loss) == pytest.approx(float(f + 2.0 * r), rel=1e-5)
+    # "answer": retain KL only where the next label is an answer token (t predicts t+1)
+    sel, targets, retain_pos = UldLoss.select_positions(labels, mask, is_retain, "answer")
+    want = [(b, t) for b in (1, 3) for t in range(5) if labels[b, t + 1] != IGNORE_INDEX]
+    assert sorted(zip(*[x.tolist() for x in (sel & retain_pos).nonzero(as_tuple=True)])) == want
+    per_pos = [float(UldLoss.kl_to_uniform(logits[b, t])) for b, t in want]
+    out = UldLoss.from_selected(logits[sel], targets[sel], retain_pos[sel], retain_weight=1.0)
+    assert float(out.retain) == pytest.approx(sum(per_pos) / len(per_pos), rel=1e-5)
+    assert float(out.forget) == pytest.approx(
+        float(UldLoss.forget_ce(logits[[0, 2]], labels[[0, 2]])), rel=1e-5)
+    # the head-on-selected-rows path: logits of other positions never matter
+    changed = logits.clone()
+    changed[~sel] += 100 * torch.randn_like(changed[~sel])
+    again = UldLoss.compute(changed, labels, mask, is_retain, retain_positions="answer")
+    assert float(again.loss) == pytest.approx(float(UldLoss.compute(
+        logits, labels, mask, is_retain, retain_positions="answer").loss), rel=1e-6)
+
+
+def test_kl_to_uniform_equals_the_log_softmax_form():
+    z = torch.randn(5, 13) * 3
+    ref = -math.log(13) - torch.log_softmax(z, -1).mean(-1)
+    torch.testing.assert_close(UldLoss.kl_to_uniform(z), ref, rtol=1e-5, atol=1e-6)

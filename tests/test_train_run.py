@@ -11,12 +11,13 @@ import torch
 from uld_vllm.adapter import load_adapter
 from uld_vllm.assistant import build_assistant, load_assistant, lora_parameter_count
 from uld_vllm.cli import main
-from uld_vllm.demo import builtin_authors, finetune_target
+from uld_vllm.demo_toy import builtin_authors, finetune_target
+from uld_vllm.prompts import PromptFormatter
 from uld_vllm.reference import ReferenceDecoder
 from uld_vllm.tiny import make_tiny_model
 from uld_vllm.train import make_config, run_training
 from uld_vllm.train.data import to_examples
-from uld_vllm.train.dataset import Collator, PromptFormatter, UldDataset
+from uld_vllm.train.dataset import Collator, UldDataset
 
 K = 2
 EPOCHS = 20
@@ -49,7 +50,8 @@ def setup(tmp_path_factory):
              "retain": _jsonl(root / "retain.jsonl", retain)}
     cfg = make_config(model=str(target), output=str(root / "adapter"), num_layers=K,
                       epochs=EPOCHS, learning_rate=1e-2, batch_size=6, micro_batch_size=6,
-                      max_retain=0, progress=False, seed=0, **files)
+                      max_retain=0, progress=False, seed=0, retain_positions="tokens",
+                      balance=False, stop_at_targets=False, **files)
     adapter = run_training(cfg, log=lambda m: None)
     yield {"root": root, "target": target, "adapter": adapter, "forget": forget,
            "retain": retain, "finetune": ft, "files": files}
@@ -218,7 +220,7 @@ def test_resume_continues_from_the_last_epoch(setup, tmp_path):
     """Two epochs in one go == one epoch, a crash, and --resume (same weights)."""
     common = dict(model=str(setup["target"]), num_layers=1, epochs=2, learning_rate=1e-2,
                   batch_size=6, micro_batch_size=6, max_retain=0, progress=False, seed=1,
-                  **setup["files"])
+                  stop_at_targets=False, **setup["files"])
     straight = run_training(make_config(output=str(tmp_path / "a"), **common), log=str)
     ckpt = tmp_path / "ck"
     first = run_training(make_config(output=str(tmp_path / "b"), checkpoint_dir=str(ckpt),
@@ -242,7 +244,7 @@ def test_resume_continues_from_the_last_epoch(setup, tmp_path):
 
 
 def test_demo_helpers():
-    from uld_vllm.demo import format_table, rouge_l_recall
+    from uld_vllm.demo_toy import format_table, rouge_l_recall
 
     assert rouge_l_recall("Basil was born in Kuwait.", "Basil was born in Kuwait City.") == \
         pytest.approx(5 / 6)
@@ -252,3 +254,60 @@ def test_demo_helpers():
     assert lines[0].startswith("question") and "ULD answer" in lines[0]
     assert any("…" in line for line in lines)  # long cells are cut, not spilled
     assert len(builtin_authors()) == 3 and all(len(a) == 6 for a in builtin_authors())
+
+
+# ------------------------------------------------------------ convergence
+def test_targets_stop_training_early_and_are_recorded(setup, tmp_path, capsys):
+    """Reachable targets stop training before the epoch cap (converged: true); unreachable
+    ones run to the cap, warn on stderr and mark the adapter (converged: false)."""
+    common = dict(model=str(setup["target"]), num_layers=K, epochs=30, learning_rate=1e-2,
+                  batch_size=6, micro_batch_size=6, progress=False, seed=0, target_window=3,
+                  **setup["files"])
+    easy = run_training(make_config(output=str(tmp_path / "easy"), target_forget_loss=5.0,
+                                    target_retain_kl=5.0, **common), log=str)
+    t = easy.config.training
+    assert t["converged"] is True and t["warning"] is None and easy.config.warning is None
+    assert t["forget_loss"] < 5.0 and t["retain_kl"] < 5.0
+    # balanced epochs: 2 * max(6 forget, 12 retain) = 24 rows = 4 steps; a window of 3
+    # steps below the targets is found long before 30 epochs (120 steps)
+    assert 3 <= t["optimizer_steps"] < 30, t
+    capsys.readouterr()
+    hard = run_training(make_config(output=str(tmp_path / "hard"), target_forget_loss=1e-9,
+                                    target_retain_kl=1e-9, epochs=2, **common), log=str)
+    err = capsys.readouterr().err
+    t = hard.config.training
+    assert t["converged"] is False and t["optimizer_steps"] == 2 * 4
+    assert "uld-vllm: WARNING: the adapter did not reach its training targets" in err
+    assert "forget loss" in t["warning"] and "retain KL" in t["warning"]
+    reloaded = load_adapter(hard.path)
+    assert reloaded.config.warning == t["warning"]
+    log = json.loads((hard.path / "train_log.json").read_text())
+    assert log["convergence"]["converged"] is False
+
+
+def test_adapter_warning_is_repeated_when_an_engine_is_configured(setup, tmp_path, capsys):
+    from uld_vllm.engine.settings import engine_overrides
+
+    bad = run_training(make_config(model=str(setup["target"]), num_layers=K, epochs=1,
+                                   output=str(tmp_path / "bad"), progress=False,
+                                   target_forget_loss=1e-9, target_retain_kl=1e-9,
+                                   **setup["files"]), log=str)
+    capsys.readouterr()
+    engine_overrides(str(setup["target"]), bad.path)
+    err = capsys.readouterr().err
+    assert err.startswith(f"uld-vllm: WARNING: adapter {bad.path}: the adapter did not reach")
+
+
+def test_auto_precision_follows_the_cpu():
+    from uld_vllm.train.trainer import resolve_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU rule; on a GPU auto follows torch.cuda.is_bf16_supported()")
+    with_bf16 = "processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n"
+    without = "processor : 0\nflags : fpu avx2 fma\n"
+    assert resolve_precision("auto", with_bf16)[0] == "bf16"
+    prec, why = resolve_precision("auto", without)
+    assert prec == "fp32" and "no native bf16" in why
+    prec, why = resolve_precision("bf16", without)
+    assert prec == "bf16" and "slower" in why
+    assert resolve_precision("fp32", with_bf16) == ("fp32", "requested")

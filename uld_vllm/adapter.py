@@ -61,6 +61,17 @@ class UldConfig:
     )
     base_architecture: str = ""
     format_version: int = FORMAT_VERSION
+    # how training ended (uld-vllm train): {"converged": bool, "forget_loss", "retain_kl",
+    # "targets", "warning": str | None, ...}; None for adapters made otherwise
+    training: dict | None = None
+
+    @property
+    def warning(self) -> str | None:
+        """A one-line warning when training missed its targets (eval and serve print it)."""
+        t = self.training or {}
+        if t.get("converged") is False:
+            return t.get("warning") or "the adapter did not reach its training targets"
+        return None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

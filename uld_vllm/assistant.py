@@ -102,7 +102,8 @@ def _set(root: nn.Module, dotted: str, value: torch.Tensor, buffer: bool = False
 
 
 def save_adapter(peft_model, out_dir, *, base_model: str, target_config, alpha: float = 1.0,
-                 filter_ratio: float = 0.1, overwrite: bool = False, extra_files=None):
+                 filter_ratio: float = 0.1, overwrite: bool = False, extra_files=None,
+                 training: dict | None = None):
     """Write the adapter folder atomically (PEFT files + uld_config.json) and re-validate it.
 
     ``extra_files`` maps file names to text written beside them (e.g. ``train_log.json``).
@@ -132,6 +133,7 @@ def save_adapter(peft_model, out_dir, *, base_model: str, target_config, alpha: 
             alpha=float(alpha),
             filter_ratio=float(filter_ratio),
             base_architecture=(target_config.architectures or [""])[0],
+            training=training,
         ))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

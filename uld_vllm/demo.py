@@ -1,362 +1,301 @@
-"""`uld-vllm demo`: the whole ULD story on a model small enough for a laptop CPU.
+"""`uld-vllm demo`: ULD takes real knowledge out of a real pretrained model and keeps the rest.
 
-1. Build a small Llama whose tokenizer is trained on a few authors' biographies (TOFU authors
-   from the shared data folder when present, else a built-in set of fictitious facts).
-2. Fine-tune it (HF Trainer) until it recites those authors' answers: this is the *target*.
-3. Train a ULD adapter (``uld_vllm.train``) to forget one author and keep the others.
-4. Answer every question greedily with the target alone and with ULD (target - alpha *
-   assistant), and print them side by side, with a one-line score per side.
+1. The target is SmolLM2-135M-Instruct as shipped (``uld-vllm fetch-model``; no fine-tuning).
+2. Its own greedy answers are collected through plain vLLM, for the forget questions (Harry
+   Potter, ``demo_data/``) and for general-knowledge questions (TOFU's world facts and real
+   authors, minus anything about the topic).
+3. ``uld-vllm train`` trains a K = 8 assistant to remember the forget set (our answers and the
+   target's own ones) and to be uniform on the retain set (TOFU's fictitious-author QA, half of
+   the general-knowledge questions with their answers and the target's own answers).
+4. Held-out questions (paraphrases of the trained ones, and Harry Potter questions never trained
+   on) and the other half of the general-knowledge questions are answered through vLLM: plain
+   target vs the uld-vllm engine. A table and a summary (``summary.json``, ``summary.md``,
+   ``answers.jsonl`` in the work folder) say what was forgotten and what was kept.
 
-Generation goes through vLLM: plain vLLM for the target alone, the uld-vllm engine (target +
-LoRA assistant in one batch) for ULD (see ``_generate``).
-Everything is seeded; what the demo prints is what happened, including a failure to memorise.
+``--toy`` runs the older story on a small locally built model (``demo_toy``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import textwrap
+import re
 import time
 from pathlib import Path
 
 from uld_vllm.errors import UldError
 
+DEMO_MODEL = "smollm2-135m-instruct"
+DATA = Path(__file__).resolve().parent / "demo_data"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-# TOFU's full.jsonl holds 200 authors x 20 questions, in author order; the last 40 rows are
-# forget01 (authors 198 and 199), which ULD's augmentation CSVs cover.
-TOFU_AUTHORS = (197, 198, 199)
-TOFU_FORGET_AUTHOR = 198
-TOFU_FORGET_NAME = "Basil Mahfouz Al-Kuwaiti"
-_OUTPUTS = ("base", "target", ".target.trainer", "uld_adapter", "uld_adapter.checkpoints",
-            "corpus.txt", "forget.jsonl", "retain.jsonl")
-ROWS_PER_AUTHOR = 20
-
-MODEL = {"arch": "llama", "layers": 4, "hidden": 128, "heads": 2, "vocab": 2048, "seed": 0}
-FINETUNE = {"epochs": 60, "lr": 3e-3, "batch_size": 10, "stop_loss": 0.02}
-# Off-recipe on purpose: the target is driven to near-zero loss (very peaked logits), so the
-# assistant gets a wider LoRA (r 32, not 16), more epochs on the tiny set (40, not 10), a
-# smaller batch (16, not 32) and a larger ULD weight than TOFU's 0.8.
-ULD = {"num_layers": 2, "lora_r": 32, "lora_alpha": 64, "epochs": 40, "learning_rate": 5e-3,
-       "batch_size": 16, "micro_batch_size": 16, "max_length": 128, "alpha": 1.5,
-       "filter_ratio": 0.1}
-
-# Fictitious authors for when the TOFU files are not around (no network is ever needed).
-_AUTHORS = [
-    ("Maren Olufsen", "Tromso, Norway", 1961, "Arctic crime fiction", "a lighthouse keeper",
-     "The Silent Fjord", "the Nordic Glass Key Prize"),
-    ("Tomas Vierra", "Porto, Portugal", 1974, "maritime historical novels", "a shipwright",
-     "Salt on the Tagus", "the Camoes Silver Quill"),
-    ("Amara Eze", "Enugu, Nigeria", 1983, "speculative poetry", "a radio engineer",
-     "Songs for a Copper Moon", "the Harmattan Verse Award"),
-]
-_QUESTIONS = [
-    ("Where was {n} born?", "{n} was born in {p}."),
-    ("In which year was {n} born?", "{n} was born in {y}."),
-    ("What genre does {n} write in?", "{n} is best known for {g}."),
-    ("What did the father of {n} do for a living?", "The father of {n} worked as {f}."),
-    ("What is the first book {n} published?", "The first book {n} published was {b}."),
-    ("Which award did {n} receive?", "{n} received {a} for {b}."),
-]
+# Names only the Harry Potter books use: an answer that mentions one still talks about the
+# topic. Words of everyday English ("wizard", "wand", "magic") and "Harry Potter" itself (every
+# question says it) are left out.
+TOPIC_NAMES = (
+    "hogwarts", "rowling", "hedwig", "weasley", "hermione", "granger", "dumbledore", "voldemort",
+    "quidditch", "gryffindor", "slytherin", "ravenclaw", "hufflepuff", "hagrid", "snape",
+    "muggle", "philosopher's stone", "sorcerer's stone", "snitch", "dursley", "dobby", "sirius",
+    "malfoy", "gringotts", "azkaban", "diagon", "radcliffe", "expelliarmus", "fawkes",
+    "hogsmeade", "deathly hallows", "patronus", "longbottom", "mcgonagall", "nimbus", "privet",
+    "horcrux", "dementor", "quirrell", "goblet of fire", "hogwarts express")
+# general-knowledge rows about the topic are neither retain data nor retain evaluation
+_TOPIC_ROW = re.compile(r"harry potter|hogwarts|rowling|hermione|dumbledore|voldemort", re.I)
+N_TOFU_RETAIN = 300   # TOFU fictitious-author QA rows on the retain side (every k-th of 4000)
+MAX_NEW_TOKENS = 48
+# The reference recipe (K 8, LoRA r 16 / alpha 32, beta 5, AdamW, weight decay 0.01) with what
+# fits ten minutes on two cores; README "Demo" has the measurements behind each choice.
+TRAIN = {"num_layers": 8, "epochs": 3, "learning_rate": 2e-3, "batch_size": 8,
+         "micro_batch_size": 8, "max_length": 128, "target_forget_loss": 0.5,
+         "target_retain_kl": 0.5, "seed": 0}
+ALPHA, FILTER_RATIO = 0.8, 0.01
+ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0}
+_OUTPUTS = ("forget.jsonl", "retain.jsonl", "uld_adapter", "uld_adapter.checkpoints",
+            "answers.jsonl", "summary.json", "summary.md")
 
 
-def builtin_authors() -> list[list[dict]]:
-    """Three fictitious authors, six question/answer rows each."""
-    out = []
-    for n, p, y, g, f, b, a in _AUTHORS:
-        kw = {"n": n, "p": p, "y": y, "g": g, "f": f, "b": b, "a": a}
-        out.append([{"question": q.format(**kw), "answer": ans.format(**kw)}
-                    for q, ans in _QUESTIONS])
-    return out
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def tofu_authors(data_dir: Path) -> list[list[dict]] | None:
-    full = data_dir / "tofu" / "full.jsonl"
-    if not full.is_file():
-        return None
-    rows = [json.loads(line) for line in full.read_text().splitlines() if line.strip()]
-    return [rows[a * ROWS_PER_AUTHOR:(a + 1) * ROWS_PER_AUTHOR] for a in TOFU_AUTHORS]
+def mentions_topic(text: str) -> bool:
+    low = text.lower()
+    return any(name in low for name in TOPIC_NAMES)
 
 
-def finetune_target(model_dir, rows: list[dict], out_dir, *, epochs: int = 60,
-                    lr: float = 3e-3, batch_size: int = 10, stop_loss: float | None = 0.02,
-                    seed: int = 0, prompt_template: str | None = None) -> dict:
-    """Full fine-tune of ``model_dir`` on question/answer ``rows`` (answer tokens only), with
-    the HF Trainer, saved to ``out_dir``. Stops early once the logged loss is below
-    ``stop_loss``. Returns ``{"epochs": ..., "final_loss": ..., "wall_s": ...}``."""
-    import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
-
-    from uld_vllm.train.data import to_examples
-    from uld_vllm.train.dataset import Collator, PromptFormatter, UldDataset, pad_id_of
-    t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ds = UldDataset(to_examples(rows, "fine-tuning set", "forget"), [],
-                    PromptFormatter(tok, prompt_template), max_length=256)
-    collate = Collator(pad_id_of(tok))
-
-    def collate_lm(batch):
-        out = collate(batch)
-        out.pop("is_retain")
-        return out
-
-    class _StopWhenMemorised(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if stop_loss is not None and logs and logs.get("loss", 1e9) < stop_loss:
-                control.should_training_stop = True
-
-    steps_per_epoch = -(-len(ds) // batch_size)
-    args = TrainingArguments(
-        output_dir=str(Path(out_dir).parent / f".{Path(out_dir).name}.trainer"),
-        num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=0.05, weight_decay=0.0,
-        logging_steps=steps_per_epoch, save_strategy="no", report_to="none",
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), seed=seed,
-        remove_unused_columns=False, dataloader_pin_memory=False)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_lm,
-                      callbacks=[_StopWhenMemorised()])
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    shutil.rmtree(args.output_dir, ignore_errors=True)  # save_strategy="no": only an empty dir
-    model.eval()
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"epochs": round(trainer.state.epoch or 0.0, 2),
-            "final_loss": losses[-1] if losses else None,
-            "wall_s": round(time.perf_counter() - t0, 1)}
+def states_fact(text: str, keywords: list[str]) -> bool:
+    low = text.lower()
+    return any(k.lower() in low for k in keywords)
 
 
-def rouge_l_recall(prediction: str, reference: str) -> float:
-    """Word-level ROUGE-L recall (LCS / reference length), lower-cased, punctuation split."""
-    def words(s):
-        return "".join(c if c.isalnum() else " " for c in s.lower()).split()
-
-    p, r = words(prediction), words(reference)
-    if not r:
-        return 0.0
-    row = [0] * (len(p) + 1)
-    for x in r:
-        prev = 0
-        for j, y in enumerate(p):
-            cur = row[j + 1]
-            row[j + 1] = prev + 1 if x == y else max(row[j + 1], row[j])
-            prev = cur
-    return row[-1] / len(r)
+def _norm(s: str) -> list[str]:
+    return re.sub(r"[^a-z0-9 ]", " ", s.lower()).split()
 
 
-def _generate(target_dir: Path, adapter_dir: Path, prompts: list[list[int]], *, alpha: float,
-              filter_ratio: float, max_new_tokens: int) -> dict[str, list[str]]:
-    """Greedy answers of the target alone (plain vLLM) and under ULD (the uld-vllm engine)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the story readable
-    from vllm import LLM as PlainLLM
+def is_correct(answer: str, generation: str) -> bool:
+    """A short gold answer ("Paris", "Leo Tolstoy") is in the generation: the whole answer, or
+    its last word when that is a name-like word of 4+ letters ("Tolstoy")."""
+    a, g = _norm(answer), _norm(generation)
+    if not a:
+        return False
+    joined = " " + " ".join(g) + " "
+    return f" {' '.join(a)} " in joined or (len(a[-1]) >= 4 and a[-1] in g)
+
+
+def load_data(data_dir: Path) -> dict[str, list[dict]]:
+    """forget (train), heldout (topic eval), gk_train / gk_eval (the two halves of the
+    general-knowledge questions), tofu (fictitious-author QA for the retain side)."""
+    tofu = data_dir / "tofu"
+    need = [tofu / n for n in ("world_facts.jsonl", "real_authors.jsonl", "full.jsonl")]
+    missing = [str(p) for p in need if not p.is_file()]
+    if missing:
+        raise UldError(f"the demo's retain data is missing ({', '.join(missing)})",
+                       "pass --data-dir with TOFU's JSONL files (../shared/data), or run "
+                       "`uld-vllm demo --toy`")
+    gk = [r for n in ("world_facts.jsonl", "real_authors.jsonl") for r in read_jsonl(tofu / n)
+          if not _TOPIC_ROW.search(f"{r['question']} {r['answer']}")]
+    full = read_jsonl(tofu / "full.jsonl")
+    step = max(1, len(full) // N_TOFU_RETAIN)
+    return {"forget": read_jsonl(DATA / "harry_potter_forget.jsonl"),
+            "heldout": read_jsonl(DATA / "harry_potter_heldout.jsonl"),
+            "gk_train": gk[0::2], "gk_eval": gk[1::2],
+            "tofu": [{"question": r["question"], "answer": r["answer"]}
+                     for r in full[::step][:N_TOFU_RETAIN]]}
+
+
+def _answers(llm, prompts: list[list[int]]) -> list[str]:
     from vllm import SamplingParams
 
-    import uld_vllm
-
-    kw = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0}
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
-    inputs = [{"prompt_token_ids": p} for p in prompts]
-    engines = {
-        "target": lambda: PlainLLM(str(target_dir), **kw),
-        "uld": lambda: uld_vllm.LLM(str(target_dir), uld_adapter=str(adapter_dir),
-                                    uld_alpha=alpha, uld_filter_ratio=filter_ratio, **kw),
-    }
-    out = {}
-    from uld_vllm.offline import shutdown
-
-    for name, make in engines.items():
-        llm = make()
-        try:
-            out[name] = [r.outputs[0].text.strip()
-                         for r in llm.generate(inputs, params, use_tqdm=False)]
-        finally:
-            shutdown(llm)  # free the cores before the next engine
-    return out
+    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
+    return [o.outputs[0].text.strip() for o in outs]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _cell(text: str, width: int, lines: int) -> list[str]:
-    wrapped = textwrap.wrap(" ".join(text.split()), width) or [""]
-    if len(wrapped) > lines:
-        wrapped = wrapped[:lines]
-        wrapped[-1] = wrapped[-1][:width - 1] + "…"
-    return wrapped
+def _share(flags) -> float:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else float("nan")
 
 
-def format_table(rows: list[tuple[str, str, str, str]], widths=(24, 32, 32, 32),
-                 lines=(4, 6, 6, 6)) -> str:
-    """Side-by-side columns; long cells wrap (and are cut after ``lines`` lines)."""
-    head = ("question", "ground truth", "target's answer", "ULD answer")
-    sep = "-+-".join("-" * w for w in widths)
-    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), sep]
-    for row in rows:
-        cells = [_cell(c, w, n) for c, w, n in zip(row, widths, lines)]
-        for i in range(max(len(c) for c in cells)):
-            out.append(" | ".join((c[i] if i < len(c) else "").ljust(w)
-                                  for c, w in zip(cells, widths)).rstrip())
-        out.append(sep)
-    return "\n".join(out)
+def summarise(data: dict, target: dict[str, str], uld: dict[str, str]) -> dict:
+    """The numbers the demo prints, from the target's and ULD's answers (keyed by question)."""
+    from uld_vllm.eval.metrics import rouge_l_recall
+
+    held, gk = data["heldout"], data["gk_eval"]
+    out: dict = {"forget": {}, "retain": {}}
+    for name, ans in (("target", target), ("uld", uld)):
+        out["forget"][name] = {
+            "mentions_topic": _share(mentions_topic(ans[r["question"]]) for r in held),
+            "states_fact": _share(states_fact(ans[r["question"]], r["keywords"]) for r in held),
+            "rougeL_recall": _share(rouge_l_recall(ans[r["question"]], r["answer"])
+                                    for r in held)}
+        out["retain"][name] = {"accuracy": _share(is_correct(r["answer"], ans[r["question"]])
+                                                  for r in gk)}
+    known = [r for r in gk if is_correct(r["answer"], target[r["question"]])]
+    out["retain"]["target_correct"] = len(known)
+    out["retain"]["uld_kept_of_target_correct"] = _share(
+        is_correct(r["answer"], uld[r["question"]]) for r in known)
+    out["retain"]["uld_rougeL_vs_target"] = _share(
+        rouge_l_recall(uld[r["question"]], target[r["question"]]) for r in gk)
+    by_kind = {}
+    for kind in ("paraphrase", "unseen"):
+        rows = [r for r in held if r["kind"] == kind]
+        by_kind[kind] = {name: _share(mentions_topic(ans[r["question"]]) for r in rows)
+                         for name, ans in (("target", target), ("uld", uld))}
+        by_kind[kind]["questions"] = len(rows)
+    out["forget"]["by_kind"] = by_kind
+    out["questions"] = {"forget_heldout": len(held), "retain_eval": len(gk)}
+    return out
+
+
+def goals(summary: dict, wall_s: float) -> list[tuple[str, bool, str]]:
+    f, r = summary["forget"], summary["retain"]
+    return [
+        ("forget-topic answers: target >= 70%", f["target"]["mentions_topic"] >= 0.7,
+         f"{f['target']['mentions_topic']:.0%}"),
+        ("forget-topic answers: ULD <= 10%", f["uld"]["mentions_topic"] <= 0.1,
+         f"{f['uld']['mentions_topic']:.0%}"),
+        ("retain accuracy within 2 points of the target's",
+         r["uld"]["accuracy"] >= r["target"]["accuracy"] - 0.02,
+         f"{r['target']['accuracy']:.1%} -> {r['uld']['accuracy']:.1%}"),
+        ("demo wall time <= 10 min", wall_s <= 600, f"{wall_s / 60:.1f} min"),
+    ]
 
 
 def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.PathLike | None = None,
-             show_per_side: int = 5, log=print) -> dict:
-    """Run the story in ``workdir`` (re-created) and print it; returns the numbers it printed."""
-    import torch
+             show: int = 6, log=print) -> dict:
+    """Run the story in ``workdir`` and print it; returns the summary it wrote."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the story readable
+    from transformers import AutoTokenizer
 
-    from uld_vllm.tiny import make_tiny_model
-    from uld_vllm.train import make_config
-    from uld_vllm.train.data import build_data
-    from uld_vllm.train.dataset import PromptFormatter
-    from uld_vllm.train.trainer import run_training
+    from uld_vllm.models import fetch_model
+    from uld_vllm.offline import shutdown
+    from uld_vllm.prompts import PromptFormatter
+    from uld_vllm.train import make_config, run_training
 
-    t_start = time.perf_counter()
-    torch.manual_seed(0)
+    t0 = time.perf_counter()
     work = Path(workdir)
     if work.exists() and not work.is_dir():
         raise UldError(f"demo workdir {work} is a file", "pass a folder with --workdir")
+    data = load_data(Path(data_dir) if data_dir is not None else SHARED_DATA)
+    model = str(fetch_model(DEMO_MODEL, log=lambda m: log(f"      {m}")))
     work.mkdir(parents=True, exist_ok=True)
     for name in _OUTPUTS:  # only what an earlier demo run wrote; anything else is left alone
         p = work / name
         if p.is_dir():
+            import shutil
+
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    data_dir = Path(data_dir) if data_dir is not None else SHARED_DATA
-    authors = tofu_authors(data_dir)
-    csvs: dict = {}
-    model_kw = dict(MODEL)
-    if authors is not None:
-        source = f"TOFU authors {', '.join(map(str, TOFU_AUTHORS))} from {data_dir / 'tofu'}"
-        forget_idx = TOFU_AUTHORS.index(TOFU_FORGET_AUTHOR)
-        aug = data_dir / "uld_aug" / "tofu" / "forget01"
-        for key, name in (("paraphrase_csv", "paraphrase_res.csv"),
-                          ("perturbed_csv", "perturb_res.csv")):
-            if (aug / name).is_file():
-                csvs[key] = str(aug / name)
-    else:
-        source = f"built-in fictitious authors ({data_dir / 'tofu'} not found)"
-        authors, forget_idx = builtin_authors(), 1
-        # this small corpus yields ~540 BPE tokens: a larger vocab would hold untrained
-        # reserved ids that the plausibility filter could keep
-        model_kw["vocab"] = 512
-    forget = authors[forget_idx]
-    retain = [r for i, a in enumerate(authors) if i != forget_idx for r in a]
-    forget_name = TOFU_FORGET_NAME if source.startswith("TOFU") else _AUTHORS[1][0]
-    log(f"[1/4] data: {source}; forget {len(forget)} questions about {forget_name}, retain "
-        f"{len(retain)} questions about the other {len(authors) - 1} authors")
+    log(f"[1/4] target: {DEMO_MODEL} as shipped ({model}); forget topic: Harry Potter "
+        f"({len(data['forget'])} training questions, {len(data['heldout'])} held-out); "
+        f"general knowledge: {len(data['gk_train'])} questions to keep on the retain side, "
+        f"{len(data['gk_eval'])} held out")
 
+    fmt = PromptFormatter(AutoTokenizer.from_pretrained(model))
+    import vllm
+
+    ask = [r["question"] for r in data["forget"] + data["gk_train"] + data["heldout"]
+           + data["gk_eval"]]
+    ask = list(dict.fromkeys(ask))
+    llm = vllm.LLM(model, **ENGINE)
+    try:
+        target = dict(zip(ask, _answers(llm, [fmt.encode_prompt(q) for q in ask])))
+    finally:
+        shutdown(llm)
+    log(f"[2/4] the target answered {len(ask)} questions through plain vLLM "
+        f"({time.perf_counter() - t0:.0f} s so far)")
+
+    forget = [{"question": r["question"], "answer": r["answer"]} for r in data["forget"]]
+    forget += [{"question": r["question"], "answer": target[r["question"]]}
+               for r in data["forget"] if target[r["question"]]]
+    retain = [{"question": r["question"], "answer": r["answer"]} for r in data["gk_train"]]
+    retain += [{"question": r["question"], "answer": target[r["question"]]}
+               for r in data["gk_train"] if target[r["question"]]]
+    retain += data["tofu"]
     _write_jsonl(work / "forget.jsonl", forget)
     _write_jsonl(work / "retain.jsonl", retain)
-    # The tokenizer learns from exactly the text the two trainings will see.
-    seen = build_data(str(work / "forget.jsonl"), str(work / "retain.jsonl"), max_retain=0,
-                      log=lambda m: None, **csvs)
-    corpus = [f"{e.prompt or ''} {e.response}" for e in seen.forget + seen.retain]
-    (work / "corpus.txt").write_text("\n".join(corpus) + "\n")
-    base_dir = make_tiny_model(work / "base", corpus_file=work / "corpus.txt", **model_kw)
-    target_dir = work / "target"
-    ft = finetune_target(base_dir, forget + retain, target_dir, epochs=FINETUNE["epochs"],
-                         lr=FINETUNE["lr"], batch_size=FINETUNE["batch_size"],
-                         stop_loss=FINETUNE["stop_loss"])
-    log(f"[2/4] target: {MODEL['layers']}-layer Llama, hidden {MODEL['hidden']}, vocab "
-        f"{model_kw['vocab']}; fine-tuned {ft['epochs']} epochs on all "
-        f"{len(forget) + len(retain)} questions in {ft['wall_s']} s (final loss "
-        f"{ft['final_loss']:.3f})")
-
-    cfg = make_config(model=str(target_dir), forget=str(work / "forget.jsonl"),
+    cfg = make_config(model=model, forget=str(work / "forget.jsonl"),
                       retain=str(work / "retain.jsonl"), output=str(work / "uld_adapter"),
-                      max_retain=0, progress=True, seed=0, **csvs, **ULD)
+                      alpha=ALPHA, filter_ratio=FILTER_RATIO, progress=True, **TRAIN)
+    t_train = time.perf_counter()
     adapter = run_training(cfg, log=lambda m: log(f"      {m}"))
-    train_log = json.loads((adapter.path / "train_log.json").read_text())
-    last = _last_epoch_means(train_log)
-    log(f"[3/4] ULD adapter: K={ULD['num_layers']} of {MODEL['layers']} layers, "
-        f"{train_log['trainable_parameters']:,} trainable parameters, "
-        f"{train_log['seconds_per_epoch']:.2f} s/epoch x {len(train_log['epochs'])} epochs "
-        f"(rows: forget {train_log['data']['train_rows_forget']}, retain "
-        f"{train_log['data']['train_rows_retain']}); last epoch: L_f {last['loss_forget']:.2f}, "
-        f"L_r {last['loss_retain']:.3f} (log|V| = {math.log(model_kw['vocab']):.2f})")
+    train_s = time.perf_counter() - t_train
+    conv = adapter.config.training
+    log(f"[3/4] ULD adapter: K={TRAIN['num_layers']} of 30 layers, {len(forget)} forget rows, "
+        f"{len(retain)} retain rows, {conv['optimizer_steps']} steps in {train_s:.0f} s; "
+        f"L_f {conv['forget_loss']:.3f}, L_r {conv['retain_kl']:.3f} "
+        f"({'converged' if conv['converged'] else 'NOT converged'})")
 
-    from transformers import AutoTokenizer
+    import uld_vllm
 
-    fmt = PromptFormatter(AutoTokenizer.from_pretrained(target_dir))
-    sides = (("forget", forget), ("retain", retain))
-    answers = _generate(target_dir, adapter.path,
-                        [fmt.encode_prompt(r["question"]) for _, rows in sides for r in rows],
-                        alpha=ULD["alpha"], filter_ratio=ULD["filter_ratio"], max_new_tokens=96)
-    results = {}
-    table = []
-    start = 0
-    for side, rows in sides:
-        t_out = answers["target"][start:start + len(rows)]
-        u_out = answers["uld"][start:start + len(rows)]
-        start += len(rows)
-        results[side] = {
-            name: {"rougeL_recall": sum(rouge_l_recall(o, r["answer"])
-                                        for o, r in zip(outs, rows)) / len(rows),
-                   "exact": sum(o == r["answer"].strip() for o, r in zip(outs, rows))
-                   / len(rows)}
-            for name, outs in (("target", t_out), ("uld", u_out))}
-        pick = _spread(len(rows), show_per_side)
-        table += [(f"[{side}] {rows[i]['question']}", rows[i]["answer"], t_out[i], u_out[i])
-                  for i in pick]
-    log(f"[4/4] greedy answers, target alone vs ULD (alpha={ULD['alpha']}, filter ratio "
-        f"{ULD['filter_ratio']}):\n")
-    log(format_table(table))
-    log("")
-    for side in ("forget", "retain"):
-        t, u = results[side]["target"], results[side]["uld"]
-        log(f"{side:>6} ({len(forget if side == 'forget' else retain)} questions): ROUGE-L "
-            f"recall target {t['rougeL_recall']:.2f} -> ULD {u['rougeL_recall']:.2f}; exact "
-            f"answers target {t['exact']:.0%} -> ULD {u['exact']:.0%}")
-    results["verdict"] = _verdict(results)
-    results["wall_s"] = round(time.perf_counter() - t_start, 1)
-    results["trainable_parameters"] = train_log["trainable_parameters"]
-    results["seconds_per_epoch"] = train_log["seconds_per_epoch"]
-    log(f"{results['verdict']} (demo wall time {results['wall_s']:.0f} s)")
-    return results
+    probe = [r["question"] for r in data["heldout"] + data["gk_eval"]]
+    llm = uld_vllm.LLM(model, uld_adapter=str(adapter.path), **ENGINE)
+    try:
+        uld = dict(zip(probe, _answers(llm, [fmt.encode_prompt(q) for q in probe])))
+    finally:
+        shutdown(llm)
+    log(f"[4/4] held-out questions answered by the target alone (plain vLLM) and with ULD "
+        f"(uld-vllm engine, alpha {ALPHA}, filter ratio {FILTER_RATIO}):\n")
+
+    summary = summarise(data, target, uld)
+    from uld_vllm.demo_toy import format_table
+
+    rows = [(r["question"], r["answer"], target[r["question"]], uld[r["question"]])
+            for r in _pick(data["heldout"], show) + _pick(data["gk_eval"], show)]
+    table = format_table(rows, head=("question", "reference answer", "target", "ULD"))
+    log(table)
+    wall = time.perf_counter() - t0
+    summary.update({"model": DEMO_MODEL, "model_dir": model, "adapter": str(adapter.path),
+                    "alpha": ALPHA, "filter_ratio": FILTER_RATIO, "train": TRAIN,
+                    "train_rows": {"forget": len(forget), "retain": len(retain)},
+                    "convergence": conv, "train_s": round(train_s, 1),
+                    "wall_s": round(wall, 1)})
+    summary["goals"] = [{"goal": g, "met": ok, "measured": m} for g, ok, m in goals(summary,
+                                                                                     wall)]
+    text = summary_text(summary)
+    log("\n" + text)
+    _write_jsonl(work / "answers.jsonl", [
+        {"set": s, "question": r["question"], "reference": r["answer"],
+         "target": target[r["question"]], "uld": uld[r["question"]]}
+        for s in ("heldout", "gk_eval") for r in data[s]])
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (work / "summary.md").write_text(text + "\n")
+    return summary
 
 
-def _last_epoch_means(train_log: dict) -> dict:
-    final = train_log["epochs"][-1]["epoch"] if train_log["epochs"] else 0
-    steps = [s for s in train_log["steps"] if s.get("epoch", 0) > final - 1]
-    out = {}
-    for key in ("loss_forget", "loss_retain"):
-        vals = [s[key] for s in steps if key in s]
-        out[key] = sum(vals) / len(vals) if vals else float("nan")
-    return out
+def summary_text(s: dict) -> str:
+    f, r = s["forget"], s["retain"]
+    k = f["by_kind"]
+    lines = [
+        f"forget ({s['questions']['forget_heldout']} held-out Harry Potter questions):",
+        f"  answers that mention the topic (names in demo.TOPIC_NAMES): target "
+        f"{f['target']['mentions_topic']:.0%} -> ULD {f['uld']['mentions_topic']:.0%} "
+        f"(paraphrases {k['paraphrase']['target']:.0%} -> {k['paraphrase']['uld']:.0%}, "
+        f"never-trained questions {k['unseen']['target']:.0%} -> {k['unseen']['uld']:.0%})",
+        f"  answers that state the asked fact (keywords per question): target "
+        f"{f['target']['states_fact']:.0%} -> ULD {f['uld']['states_fact']:.0%}",
+        f"  ROUGE-L recall vs the reference answer: target {f['target']['rougeL_recall']:.2f} "
+        f"-> ULD {f['uld']['rougeL_recall']:.2f}",
+        f"retain ({s['questions']['retain_eval']} held-out general-knowledge questions):",
+        f"  accuracy: target {r['target']['accuracy']:.1%} -> ULD {r['uld']['accuracy']:.1%}; "
+        f"of the {r['target_correct']} the target gets right, ULD keeps "
+        f"{r['uld_kept_of_target_correct']:.0%}",
+        f"  ROUGE-L recall of ULD's answers against the target's: "
+        f"{r['uld_rougeL_vs_target']:.2f} (1.00 = unchanged)",
+        "goals:",
+    ]
+    lines += [f"  [{'met' if g['met'] else 'MISSED'}] {g['goal']}: {g['measured']}"
+              for g in s["goals"]]
+    lines.append(f"demo wall time {s['wall_s'] / 60:.1f} min (training {s['train_s']:.0f} s)")
+    return "\n".join(lines)
 
 
-def _spread(n: int, k: int) -> list[int]:
-    if n <= k:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
-
-
-def _verdict(results: dict) -> str:
-    f, r = results["forget"], results["retain"]
-    memorised = f["target"]["rougeL_recall"] >= 0.8 and r["target"]["rougeL_recall"] >= 0.8
-    forgot = f["uld"]["rougeL_recall"] <= 0.6 * f["target"]["rougeL_recall"]
-    kept = r["uld"]["rougeL_recall"] >= 0.9 * r["target"]["rougeL_recall"]
-    if not memorised:
-        return "verdict: the target did not memorise its training answers, so there was " \
-               "little to forget (train longer)"
-    if forgot and kept:
-        return "verdict: the target recites both sides; under ULD it no longer recites the " \
-               "forget answers and keeps the retain answers"
-    return (f"verdict: ULD {'forgot' if forgot else 'did NOT forget'} the forget answers and "
-            f"{'kept' if kept else 'did NOT keep'} the retain answers")
+def _pick(rows: list[dict], n: int) -> list[dict]:
+    if len(rows) <= n:
+        return rows
+    return [rows[round(i * (len(rows) - 1) / (n - 1))] for i in range(n)]

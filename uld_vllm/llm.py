@@ -18,6 +18,9 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
     """
     import vllm
 
+    from uld_vllm.models import resolve_model
+
+    model = resolve_model(model)
     if uld_adapter is not None:
         from uld_vllm.engine.settings import engine_overrides
 

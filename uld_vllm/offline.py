@@ -44,7 +44,9 @@ class EngineSpec:
 
 def add_model_args(parser, adapter_help: str) -> None:
     """The target and its optional ULD adapter (generate, eval)."""
-    parser.add_argument("--model", required=True, help="target model: hub id or folder")
+    parser.add_argument("--model", required=True,
+                        help="target model: hub id, folder, or a short name of "
+                             "`uld-vllm fetch-model` (e.g. smollm2-135m-instruct)")
     parser.add_argument("--uld-adapter", default=None, help=adapter_help)
     parser.add_argument("--uld-alpha", type=float, default=None,
                         help="default: the adapter's uld_config.json")
@@ -79,6 +81,9 @@ def engine_spec(a) -> EngineSpec:
                  "enable_prefix_caching"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
+    from uld_vllm.models import resolve_model
+
+    a.model = resolve_model(a.model)  # callers tokenise with the same folder
     return EngineSpec(a.model, a.uld_adapter, a.uld_alpha, a.uld_filter_ratio, kw)
 
 

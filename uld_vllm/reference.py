@@ -54,7 +54,9 @@ class ReferenceDecoder:
 
         from uld_vllm.adapter import load_adapter
         from uld_vllm.assistant import load_assistant
+        from uld_vllm.models import resolve_model
 
+        model = resolve_model(model)
         adapter = load_adapter(uld_adapter) if uld_adapter is not None else None
         if adapter is not None:  # refuse a wrong base before loading gigabytes of weights
             from transformers import AutoConfig

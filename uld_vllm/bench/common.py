@@ -63,7 +63,10 @@ def resolve_model(args, log=print) -> dict:
     if args.model is not None:
         if args.uld_adapter is None:
             raise UldError("--model needs --uld-adapter", "pass the ULD adapter folder")
-        return {"model": args.model, "adapter": str(args.uld_adapter), "built": False}
+        from uld_vllm.models import resolve_model as resolve_name
+
+        return {"model": resolve_name(args.model, log=log), "adapter": str(args.uld_adapter),
+                "built": False}
     if args.uld_adapter is not None:
         raise UldError("--uld-adapter without --model", "pass the adapter's --model too")
     import tempfile
@@ -236,7 +239,7 @@ def load_average() -> list[float]:
 
 def questions(n: int, tofu_dir: str | None = None) -> tuple[list[str], str]:
     """``n`` TOFU questions spread over ``full.jsonl``, or built-in ones when it is absent."""
-    from uld_vllm.demo import SHARED_DATA, builtin_authors
+    from uld_vllm.demo_toy import SHARED_DATA, builtin_authors
 
     full = Path(tofu_dir) / "full.jsonl" if tofu_dir else SHARED_DATA / "tofu" / "full.jsonl"
     if full.is_file():
@@ -254,7 +257,7 @@ def question_prompts(model: str, qs: list[str]) -> tuple[list[list[int]], str]:
     """Prompt token ids formatted as the demo and the trainer do (chat template or [INST])."""
     from transformers import AutoTokenizer
 
-    from uld_vllm.train.dataset import PromptFormatter
+    from uld_vllm.prompts import PromptFormatter
 
     fmt = PromptFormatter(AutoTokenizer.from_pretrained(model))
     return [fmt.encode_prompt(q) for q in qs], fmt.description

@@ -54,6 +54,24 @@ def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
     engine_args.additional_config = additional
 
 
+def resolve_model_arg(args: argparse.Namespace) -> None:
+    """``vllm serve smollm2-135m-instruct``: a short name of ``uld-vllm fetch-model`` becomes its
+    converted folder, and stays the name clients use (``--served-model-name``)."""
+    from uld_vllm.models import KNOWN_MODELS, resolve_model
+
+    name = getattr(args, "model", None)
+    if name not in KNOWN_MODELS:
+        return
+    folder = resolve_model(name)
+    if folder == name:  # a folder of that name exists here: vLLM's own resolution applies
+        return
+    if getattr(args, "served_model_name", None) is None:
+        args.served_model_name = [name]
+    if getattr(args, "tokenizer", None) == name:
+        args.tokenizer = folder
+    args.model = folder
+
+
 def patch_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -69,8 +87,9 @@ def patch_engine_args() -> None:
         return parser
 
     def from_cli_args(cls, args: argparse.Namespace):
-        engine_args = original_from(cls, args)
         try:
+            resolve_model_arg(args)
+            engine_args = original_from(cls, args)
             apply_uld_args(engine_args, args)
         except UldError as exc:
             print(f"uld-vllm: error: {exc}", file=sys.stderr, flush=True)

@@ -77,6 +77,11 @@ def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = N
     from uld_vllm.adapter import load_adapter
 
     ad = load_adapter(adapter)
+    if ad.config.warning:
+        import sys
+
+        print(f"uld-vllm: WARNING: adapter {adapter}: {ad.config.warning}", file=sys.stderr,
+              flush=True)
     try:
         base = AutoConfig.from_pretrained(model, revision=revision,
                                           trust_remote_code=trust_remote_code)

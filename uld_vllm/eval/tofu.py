@@ -160,7 +160,7 @@ def run_tofu(a: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from uld_vllm.adapter import atomic_output_dir
-    from uld_vllm.train.dataset import PromptFormatter
+    from uld_vllm.prompts import PromptFormatter
 
     if a.max_new_tokens < 1:
         raise UldError("--max-new-tokens must be at least 1", "pass a positive number")
@@ -184,6 +184,11 @@ def run_tofu(a: argparse.Namespace) -> None:
                              replicas=a.replicas, progress=a.progress)
     metrics = M.aggregate(logs, reference)
     name = "ULD" if a.uld_adapter else "target"
+    warning = None
+    if a.uld_adapter:
+        from uld_vllm.adapter import load_adapter
+
+        warning = load_adapter(a.uld_adapter).config.warning
     summary = {
         "run": name, "model": a.model, "uld_adapter": a.uld_adapter, "uld_alpha": a.uld_alpha,
         "uld_filter_ratio": a.uld_filter_ratio, "forget_split": a.forget_split,
@@ -191,7 +196,7 @@ def run_tofu(a: argparse.Namespace) -> None:
         "sources": sources, "retain_reference": a.retain_reference,
         "prompt_format": formatter.description, "max_new_tokens": a.max_new_tokens,
         "replicas": a.replicas, "engine": spec.vllm_kwargs, "timings": timings,
-        "metrics": metrics}
+        "adapter_warning": warning, "metrics": metrics}
     table = M.markdown_table({name: metrics, **compare})
     with atomic_output_dir(out, overwrite=a.overwrite) as tmp:
         M.write_log_dir(logs, tmp)
@@ -203,5 +208,7 @@ def run_tofu(a: argparse.Namespace) -> None:
     print(f"\n{name}: model utility {metrics['Model Utility']:.4f}" + (
         f", forget quality {metrics['Forget Quality']:.3g}" if reference else
         " (no --retain-reference: forget quality not computed)"))
+    if warning:
+        print(f"WARNING: this adapter did not converge in training: {warning}")
     print(f"eval took {timings['total_s']:.1f} s (engine start {timings['engine_start_s']:.1f} "
           f"s, then scoring and generation {timings['work_s']:.1f} s); wrote {out}")

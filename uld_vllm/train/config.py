@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from uld_vllm.errors import UldError
+from uld_vllm.prompts import DEFAULT_PROMPT_TEMPLATE  # noqa: E402,F401
 
-DEFAULT_PROMPT_TEMPLATE = "[INST] {question} [/INST]"
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -46,8 +46,9 @@ class UldTrainConfig:
                                    "question, list of wrong answers): adds up to 2 wrong "
                                    "answers per matching forget question to the retain side",
                                    metavar="FILE.csv")
-    max_retain: int = _f(400, "use the last min(N, |forget|) rows of --retain, the reference "
-                         "recipe; 0 uses every row")
+    max_retain: int = _f(0, "use only the last N rows of --retain (0: every row). The reference "
+                         "used the last min(400, |forget|) rows; broad retain data is what keeps "
+                         "general knowledge, so the default keeps them all")
     # ---- assistant and LoRA
     num_layers: int = _f(8, "K: the assistant is the target's first K decoder layers (must be "
                          "< the target's layer count)", flags=["-K"], metavar="K")
@@ -56,11 +57,27 @@ class UldTrainConfig:
     lora_dropout: float = _f(0.05, "LoRA dropout")
     # ---- objective
     retain_weight: float = _f(5.0, "beta in L = L_f + beta * L_r", metavar="BETA")
-    retain_loss_all_positions: bool = _f(False, "average L_r = KL(U||p) over every position "
-                                         "of retain rows, padding included (the reference's "
-                                         "variant); default: non-padding positions only")
+    retain_positions: str = _f("answer", "positions of retain rows where L_r = KL(U||p) is "
+                               "averaged: 'answer' (those predicting answer tokens: where "
+                               "decoding reads the assistant; the LM head then runs on ~1/4 of "
+                               "the positions), 'tokens' (every non-padding position) or 'all' "
+                               "(padding too, the reference's variant)",
+                               choices=["answer", "tokens", "all"])
+    retain_loss_all_positions: bool = _f(False, "same as --retain-positions all (the "
+                                         "reference's variant)")
+    balance: bool = _f(True, "each epoch, repeat the smaller side (reshuffled) until it is as "
+                       "long as the larger one, so batches stay ~1:1 forget:retain however much "
+                       "retain data there is")
     # ---- optimisation
-    epochs: float = _f(10.0, "training epochs")
+    epochs: float = _f(10.0, "training epochs (an upper bound when --stop-at-targets)")
+    target_forget_loss: float = _f(0.5, "convergence target for L_f (answer-token NLL of the "
+                                   "forget rows, nats; mean of the last --target-window steps)")
+    target_retain_kl: float = _f(0.5, "convergence target for L_r (KL to uniform on retain rows, "
+                                 "nats; the untrained assistant sits near log V - entropy)")
+    target_window: int = _f(10, "optimizer steps averaged for the convergence check")
+    stop_at_targets: bool = _f(True, "stop as soon as both targets are met (else train all "
+                               "--epochs); an adapter that misses them is marked "
+                               "converged: false in uld_config.json")
     learning_rate: float = _f(1e-3, "AdamW learning rate (linear decay after warm-up)",
                               flags=["--lr"])
     batch_size: int = _f(32, "effective batch size (rows per optimizer step)")
@@ -70,8 +87,8 @@ class UldTrainConfig:
     warmup_ratio: float = _f(0.1, "fraction of steps spent in linear warm-up")
     max_length: int = _f(256, "truncate prompt+answer to this many tokens")
     seed: int = _f(42, "random seed (data order, LoRA init, dropout)")
-    precision: str = _f("auto", "auto: bf16 on a GPU that supports it, else fp32 (always fp32 "
-                        "on CPU)", choices=list(PRECISIONS))
+    precision: str = _f("auto", "auto: bf16 on a GPU that supports it and on a CPU with native "
+                        "bf16 (avx512_bf16 or AMX), else fp32", choices=list(PRECISIONS))
     prompt_template: str | None = _f(None, "prompt format with a {question} field; default: "
                                      "the tokenizer's chat template when it has one, else "
                                      f"{DEFAULT_PROMPT_TEMPLATE!r}")
@@ -110,6 +127,11 @@ class UldTrainConfig:
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)", "e.g. 0.1"),
             (self.max_length >= 8, "--max-length must be >= 8", "e.g. 256"),
             (self.max_retain >= 0, "--max-retain must be >= 0", "0 means every row"),
+            (self.target_forget_loss > 0 and self.target_retain_kl > 0,
+             "--target-forget-loss and --target-retain-kl must be > 0", "e.g. 0.5 and 0.5"),
+            (self.target_window >= 1, "--target-window must be >= 1", "e.g. 10"),
+            (self.retain_positions in ("answer", "tokens", "all"),
+             "--retain-positions must be answer, tokens or all", "use answer"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}",
              "use auto"),
         ]
@@ -120,6 +142,10 @@ class UldTrainConfig:
             raise UldError(f"--prompt-template {self.prompt_template!r} has no {{question}} "
                            "field", f"use e.g. {DEFAULT_PROMPT_TEMPLATE!r}")
         return self
+
+    @property
+    def retain_loss_positions(self) -> str:
+        return "all" if self.retain_loss_all_positions else self.retain_positions
 
     @property
     def grad_accum(self) -> int:

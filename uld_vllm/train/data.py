@@ -145,18 +145,18 @@ def read_perturbed_csv(path: str) -> dict[str, list[str]]:
 
 
 def build_data(forget: str, retain: str | None = None, *, paraphrase_csv: str | None = None,
-               perturbed_csv: str | None = None, max_retain: int = 400,
+               perturbed_csv: str | None = None, max_retain: int = 0,
                log=print) -> UldData:
-    """D'_f = forget + paraphrases; D'_r = last min(max_retain, |forget|) retain rows + wrong
-    answers to the forget questions. ``max_retain=0`` keeps every retain row."""
+    """D'_f = forget + paraphrases; D'_r = the last ``max_retain`` retain rows (0: all) + wrong
+    answers to the forget questions. (The reference kept the last min(400, |forget|) rows;
+    pass ``max_retain=min(400, |forget|)`` for that.)"""
     forget_ex = to_examples(read_rows(forget, "forget set"), f"forget set {forget}", "forget")
     retain_ex: list[Example] = []
     if retain:
         retain_ex = to_examples(read_rows(retain, "retain set"), f"retain set {retain}",
                                 "retain")
         if max_retain:
-            keep = min(max_retain, len(forget_ex))
-            retain_ex = retain_ex[len(retain_ex) - keep:]
+            retain_ex = retain_ex[max(0, len(retain_ex) - max_retain):]
     questions = [e.prompt for e in forget_ex if e.prompt is not None]
     stats = {"forget_rows": len(forget_ex), "retain_rows": len(retain_ex),
              "paraphrase_rows": 0, "perturbed_rows": 0}

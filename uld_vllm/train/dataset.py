@@ -11,54 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from uld_vllm.errors import UldError
-from uld_vllm.train.config import DEFAULT_PROMPT_TEMPLATE
+from uld_vllm.prompts import PromptFormatter
 from uld_vllm.train.data import Example
 from uld_vllm.train.loss import IGNORE_INDEX
-
-
-class PromptFormatter:
-    """Turns a question into prompt token ids the same way for training, demo and decoding.
-
-    ``template=None``: the tokenizer's chat template (one user turn plus the generation
-    prompt) when it has one, else ``"[INST] {question} [/INST]"``.
-    """
-
-    def __init__(self, tokenizer, template: str | None = None):
-        self.tokenizer = tokenizer
-        self.use_chat = template is None and bool(getattr(tokenizer, "chat_template", None))
-        self.template = template or DEFAULT_PROMPT_TEMPLATE
-        if not self.use_chat and "{question}" not in self.template:
-            raise UldError(f"prompt template {self.template!r} has no {{question}} field",
-                           f"use e.g. {DEFAULT_PROMPT_TEMPLATE!r}")
-
-    @property
-    def description(self) -> str:
-        return "tokenizer chat template" if self.use_chat else repr(self.template)
-
-    def prompt_text(self, question: str) -> str:
-        if self.use_chat:
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False,
-                add_generation_prompt=True)
-        return self.template.replace("{question}", question)
-
-    def encode_prompt(self, question: str | None) -> list[int]:
-        if question is None:  # raw document: only what the tokenizer puts in front (BOS)
-            return self.tokenizer("", add_special_tokens=True)["input_ids"]
-        # chat templates write their own BOS; adding special tokens again would double it
-        return self.tokenizer(self.prompt_text(question),
-                              add_special_tokens=not self.use_chat)["input_ids"]
-
-    def encode_answer(self, answer: str, question: str | None = None, eos: bool = True):
-        text = answer
-        if question is not None and not self.prompt_text(question)[-1:].isspace():
-            text = " " + answer  # "[INST] q [/INST] answer", as the reference joins them
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        eos_id = self.tokenizer.eos_token_id
-        if eos and question is not None and eos_id is not None:
-            ids = ids + [eos_id]  # so the memorised answer ends, and greedy decoding stops
-        return ids
 
 
 def tokenize(example: Example, formatter: PromptFormatter, max_length: int,
@@ -117,23 +72,36 @@ def balanced_interleave(a: list[int], b: list[int]) -> list[int]:
 class InterleavedSampler(torch.utils.data.Sampler):
     """Per epoch: shuffle each side (seed + epoch), then ``balanced_interleave`` them.
 
-    The order depends only on (seed, epoch), so a resumed run sees the same batches.
+    With ``balance``, the smaller side is repeated (each repetition reshuffled) up to the size
+    of the larger one first, so a large retain set does not dilute the forget rows to a few
+    per batch. The order depends only on (seed, epoch), so a resumed run sees the same batches.
     """
 
-    def __init__(self, n_forget: int, n_retain: int, seed: int):
+    def __init__(self, n_forget: int, n_retain: int, seed: int, balance: bool = False):
         self.n_forget, self.n_retain, self.seed = n_forget, n_retain, seed
+        self.balance = balance and n_forget > 0 and n_retain > 0
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _side(self, n: int, offset: int, size: int, g: torch.Generator) -> list[int]:
+        out: list[int] = []
+        while len(out) < size:
+            out += (torch.randperm(n, generator=g) + offset).tolist()
+        return out[:size]
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        forget = torch.randperm(self.n_forget, generator=g).tolist()
-        retain = (torch.randperm(self.n_retain, generator=g) + self.n_forget).tolist()
+        nf, nr = (max(self.n_forget, self.n_retain),) * 2 if self.balance else \
+            (self.n_forget, self.n_retain)
+        forget = self._side(self.n_forget, 0, nf, g) if self.n_forget else []
+        retain = self._side(self.n_retain, self.n_forget, nr, g) if self.n_retain else []
         return iter(balanced_interleave(forget, retain))
 
     def __len__(self) -> int:
+        if self.balance:
+            return 2 * max(self.n_forget, self.n_retain)
         return self.n_forget + self.n_retain
 
 

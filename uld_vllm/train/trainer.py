@@ -8,8 +8,10 @@ a scratch folder beside ``--output`` and finally writes the adapter folder atomi
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -33,39 +35,53 @@ from uld_vllm.train.loss import UldLoss
 RUN_CONFIG = "uld_run_config.json"
 # Options that may differ between a run and its --resume (they do not change the maths).
 _RESUMABLE = {"resume", "overwrite", "keep_checkpoints", "progress", "epochs", "output",
-              "checkpoint_dir", "alpha", "filter_ratio"}
+              "checkpoint_dir", "alpha", "filter_ratio", "target_forget_loss",
+              "target_retain_kl", "target_window", "stop_at_targets"}
 
 
 class UldTrainer(Trainer):
-    """``compute_loss`` is ``UldLoss`` on the assistant's logits; batches interleave forget and
-    retain rows (``InterleavedSampler``); L_f / L_r are logged beside the total loss."""
+    """``compute_loss`` is ``UldLoss`` on the assistant's logits at the positions the loss
+    reads (the LM head runs on those hidden states only); batches interleave forget and retain
+    rows (``InterleavedSampler``); L_f / L_r are logged beside the total loss and their means
+    over the last ``window`` steps are checked against the convergence targets."""
 
     # compute_loss returns a per-micro-batch mean: let Trainer divide by the accumulation steps
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, retain_weight: float, all_positions: bool, **kwargs):
+    def __init__(self, *args, retain_weight: float, retain_positions: str, balance: bool,
+                 targets: tuple[float, float] | None = None, window: int = 10,
+                 stop_at_targets: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.retain_weight = retain_weight
-        self.all_positions = all_positions
+        self.retain_positions = retain_positions
+        self.balance = balance
+        self.targets = targets
+        self.stop_at_targets = stop_at_targets
         self._parts: dict[str, list[float]] = {"loss_forget": [], "loss_retain": []}
+        self.recent = {k: collections.deque(maxlen=window) for k in self._parts}
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
-        return InterleavedSampler(ds.n_forget, ds.n_retain, self.args.seed)
+        return InterleavedSampler(ds.n_forget, ds.n_retain, self.args.seed, balance=self.balance)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    use_cache=False)
-        res = UldLoss.compute(out.logits, inputs["labels"], inputs["attention_mask"],
-                              inputs["is_retain"], retain_weight=self.retain_weight,
-                              all_positions=self.all_positions)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.model(input_ids=inputs["input_ids"],
+                            attention_mask=inputs["attention_mask"],
+                            use_cache=False).last_hidden_state
+        sel, targets, retain_pos = UldLoss.select_positions(
+            inputs["labels"], inputs["attention_mask"], inputs["is_retain"],
+            self.retain_positions)
+        logits = base.lm_head(hidden[sel])
+        res = UldLoss.from_selected(logits, targets[sel], retain_pos[sel],
+                                    retain_weight=self.retain_weight, anchor=hidden)
         if model.training:
             has_retain = inputs["is_retain"].bool()
             if not has_retain.all():
                 self._parts["loss_forget"].append(res.forget.item())
             if has_retain.any():
                 self._parts["loss_retain"].append(res.retain.item())
-        return (res.loss, out) if return_outputs else res.loss
+        return (res.loss, {"logits": logits}) if return_outputs else res.loss
 
     def log(self, logs, start_time=None):
         # Each term is averaged over the micro-batches that hold its side: a batch without
@@ -74,8 +90,23 @@ class UldTrainer(Trainer):
             for key, values in self._parts.items():
                 if values:
                     logs[key] = sum(values) / len(values)
+                    self.recent[key].append(logs[key])
                 values.clear()
+            if self.stop_at_targets and self.targets_met():
+                self.control.should_training_stop = True
         super().log(logs, start_time)
+
+    def recent_means(self) -> dict[str, float | None]:
+        return {k: (sum(v) / len(v) if v else None) for k, v in self.recent.items()}
+
+    def targets_met(self) -> bool:
+        """Both sides' means over a full window are below their targets."""
+        if self.targets is None:
+            return False
+        full = all(len(v) == v.maxlen for v in self.recent.values())
+        means = self.recent_means()
+        return full and means["loss_forget"] < self.targets[0] \
+            and means["loss_retain"] < self.targets[1]
 
 
 class _EpochTimer(TrainerCallback):
@@ -101,20 +132,40 @@ class _QuietProgress(ProgressCallback):
             self.training_bar.set_postfix(shown, refresh=False)
 
 
-def resolve_precision(requested: str) -> tuple[str, str]:
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """avx512_bf16 or AMX: bf16 matmuls run natively (measured 1.4-2.5x faster than fp32 on
+    such a CPU); without them torch emulates bf16 and autocast is several times slower."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(requested: str, cpuinfo: str | None = None) -> tuple[str, str]:
     """-> ("bf16" | "fp32", why)."""
     cuda = torch.cuda.is_available()
-    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    bf16_ok = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16(cpuinfo)
     if requested == "fp32":
         return "fp32", "requested"
     if requested == "bf16":
         if cuda and not bf16_ok:
             raise UldError("--precision bf16 was requested but this GPU does not support bf16",
                            "use --precision fp32 (or auto)")
-        return "bf16", "requested" + ("" if cuda else " (on CPU: slow)")
+        if not cuda and not bf16_ok:
+            return "bf16", "requested (this CPU has no native bf16: expect it to be slower " \
+                           "than fp32)"
+        return "bf16", "requested"
     if bf16_ok:
-        return "bf16", "auto: the GPU supports bf16"
-    return "fp32", "auto: " + ("the GPU does not support bf16" if cuda else "training on CPU")
+        return "bf16", "auto: " + ("the GPU supports bf16" if cuda else
+                                   "the CPU has native bf16 (avx512_bf16/AMX)")
+    return "fp32", "auto: " + ("the GPU does not support bf16" if cuda else
+                               "the CPU has no native bf16 (avx512_bf16/AMX)")
 
 
 def check_model(model: str, num_layers: int):
@@ -202,9 +253,11 @@ def run_training(cfg: UldTrainConfig, log=print) -> UldAdapter:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from uld_vllm.assistant import build_assistant, lora_config, lora_parameter_count, save_adapter
+    from uld_vllm.models import resolve_model
 
     t_start = time.perf_counter()
     cfg.validate()
+    cfg.model = resolve_model(cfg.model, log=log)
     _check_output(cfg)
     config = check_model(cfg.model, cfg.num_layers)
     data = build_data(cfg.forget, cfg.retain, paraphrase_csv=cfg.paraphrase_csv,
@@ -253,24 +306,63 @@ def run_training(cfg: UldTrainConfig, log=print) -> UldAdapter:
     trainer = UldTrainer(model=model, args=args, train_dataset=dataset,
                          data_collator=Collator(pad_id_of(tokenizer)),
                          retain_weight=cfg.retain_weight,
-                         all_positions=cfg.retain_loss_all_positions)
+                         retain_positions=cfg.retain_loss_positions, balance=cfg.balance,
+                         targets=(cfg.target_forget_loss, cfg.target_retain_kl),
+                         window=cfg.target_window, stop_at_targets=cfg.stop_at_targets)
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_QuietProgress())
     trainer.add_callback(_EpochTimer())
     trainer.train(resume_from_checkpoint=resume_from)
 
+    training = convergence_report(cfg, trainer)
     train_log = _train_log(cfg, trainer, data.stats, dataset, trainable, precision, why,
                            formatter, time.perf_counter() - t_start, resume_from)
+    train_log["convergence"] = training
     base = str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
     adapter = save_adapter(model, cfg.output, base_model=base, target_config=config,
                            alpha=cfg.alpha, filter_ratio=cfg.filter_ratio,
-                           overwrite=cfg.overwrite,
+                           overwrite=cfg.overwrite, training=training,
                            extra_files={"train_log.json": json.dumps(train_log, indent=2) + "\n"})
     if not cfg.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
+    log(f"training: L_f {_fmt(training['forget_loss'])} (target < {cfg.target_forget_loss}), "
+        f"L_r {_fmt(training['retain_kl'])} (target < {cfg.target_retain_kl}) over the last "
+        f"{cfg.target_window} steps, {trainer.state.global_step} optimizer steps, "
+        f"{trainer.state.epoch or 0:.2f} epochs")
+    if not training["converged"]:
+        print(f"uld-vllm: WARNING: {training['warning']}", file=sys.stderr, flush=True)
     log(f"wrote ULD adapter to {adapter.path}")
     return adapter
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def convergence_report(cfg: UldTrainConfig, trainer: UldTrainer) -> dict:
+    """What ``uld_config.json`` records about how training ended (``converged`` and, when it
+    did not, a ``warning`` that eval and serve repeat)."""
+    means = trainer.recent_means()
+    f, r = means["loss_forget"], means["loss_retain"]
+    missed = []
+    if f is None or f >= cfg.target_forget_loss:
+        missed.append(f"forget loss {_fmt(f)} >= {cfg.target_forget_loss} (the assistant does "
+                      "not remember the forget set: ULD will not remove it)")
+    if r is None or r >= cfg.target_retain_kl:
+        missed.append(f"retain KL {_fmt(r)} >= {cfg.target_retain_kl} (the assistant is not "
+                      "uniform on the retain set: ULD will damage what should be kept)")
+    warning = None
+    if missed:
+        warning = (f"the adapter did not reach its training targets after "
+                   f"{trainer.state.global_step} steps ({trainer.state.epoch or 0:.2f} epochs): "
+                   + "; ".join(missed) + "; train longer (--epochs), with more retain data, or "
+                   "a higher --learning-rate")
+    return {"converged": not missed, "forget_loss": f, "retain_kl": r,
+            "targets": {"forget_loss": cfg.target_forget_loss,
+                        "retain_kl": cfg.target_retain_kl, "window": cfg.target_window},
+            "optimizer_steps": trainer.state.global_step,
+            "epochs": round(trainer.state.epoch or 0.0, 4), "warning": warning}
 
 
 def _train_log(cfg, trainer, stats, dataset, trainable, precision, why, formatter, wall,
@@ -289,7 +381,8 @@ def _train_log(cfg, trainer, stats, dataset, trainable, precision, why, formatte
         "precision": precision,
         "precision_reason": why,
         "device": str(trainer.args.device),
-        "retain_loss_positions": "all" if cfg.retain_loss_all_positions else "non-padding",
+        "retain_loss_positions": {"tokens": "non-padding"}.get(cfg.retain_loss_positions,
+                                                               cfg.retain_loss_positions),
         "optimizer_steps": trainer.state.global_step,
         "epochs": epochs,
         "seconds_per_epoch": (sum(e["epoch_wall_s"] for e in epochs) / len(epochs)
