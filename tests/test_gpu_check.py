@@ -172,3 +172,19 @@ def test_require_cuda_without_a_gpu_fails_with_one_line(tmp_path):
     assert got["environment"][0] == "FAIL" and "--require-cuda" in got["environment"][1]
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["counts"] == {"PASS": 0, "FAIL": 1, "SKIP": 0}
+
+
+def test_environment_check_refuses_a_vllm_outside_the_declared_range(monkeypatch):
+    import argparse
+
+    import vllm
+
+    from uld_vllm.bench import gpu_check
+
+    args = argparse.Namespace(require_cuda=False)
+    ok = gpu_check.environment("environment", args, cuda=False)
+    assert ok.status == "PASS", ok.detail
+    monkeypatch.setattr(vllm, "__version__", "0.23.0")
+    bad = gpu_check.environment("environment", args, cuda=False)
+    assert bad.status == "FAIL" and "outside the supported range" in bad.detail
+    assert bad.data["declared"] == ok.data["declared"]

@@ -247,7 +247,7 @@ def verify_greedy_bf16(ref, ref_bf16, prompt_ids, engine_ids, *, max_new_tokens:
     few logits, so no fixed tolerance separates rounding from a bug. The baseline is
     transformers decoding the same prompts in bf16 (``ref_bf16``), scored by the same fp32
     reference: the engine passes when it leaves the fp32 argmax on at most ``2 * baseline +
-    slack * steps`` steps. A wrong combination (alpha, filter, masking) moves most steps and
+    max(slack * steps, 3)`` steps. A wrong combination (alpha, filter, masking) moves most steps and
     fails; subtle errors are the fp32 checks' job.
     """
     tol = TOLERANCE["bfloat16"]
@@ -257,7 +257,8 @@ def verify_greedy_bf16(ref, ref_bf16, prompt_ids, engine_ids, *, max_new_tokens:
     _, _, eng = verify_greedy(ref, prompt_ids, engine_ids, tol=tol, max_tie_fraction=1.0)
     off_base = base["steps"] - base["exact"]
     off = eng["steps"] - eng["exact"]
-    allowed = 2 * off_base + slack * eng["steps"]
+    # + at least 3 steps: with few steps (the server's two answers) counts are noisy
+    allowed = 2 * off_base + max(slack * eng["steps"], 3)
     data = {**eng, "baseline_transformers_bf16": base, "allowed_off_argmax": allowed}
     detail = (f"off the fp32 argmax on {off}/{eng['steps']} steps ({eng['near_tie']} near-ties, "
               f"{eng['filter_edge']} filter-edges, {eng['mismatch']} beyond tol {tol:g}); "
@@ -437,7 +438,7 @@ def judge(refs: References, prompts, ids, dtype: str, args) -> tuple[str, str, d
 
 def greedy_case(name: str, args, m: dict, refs: References, dtype: str, compiled: bool, cuda: bool,
                 keep_engine: bool = False):
-    """Start the ULD engine, decode greedily, check against ``ref``. With ``keep_engine`` the
+    """Start the ULD engine, decode greedily, check against ``refs``. With ``keep_engine`` the
     engine is returned too (the throughput check reuses it) instead of being shut down."""
     from vllm import SamplingParams
 
@@ -455,13 +456,14 @@ def greedy_case(name: str, args, m: dict, refs: References, dtype: str, compiled
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         ids = [list(o.outputs[0].token_ids) for o in outs]
         facts = engine_facts(llm)
+        if not keep_engine:  # free the GPU before the reference decoders use it
+            shutdown(llm)
+            llm = None
+        status, detail, data = judge(refs, prompts, ids, dtype, args)
     except BaseException:
-        shutdown(llm)
+        if llm is not None:
+            shutdown(llm)
         raise
-    if not keep_engine:
-        shutdown(llm)
-        llm = None
-    status, detail, data = judge(refs, prompts, ids, dtype, args)
     data.update(engine=facts, start_s=round(start_s, 1), prompts=prompts, engine_ids=ids)
     if cuda and facts["combine_backend"] != "triton" and status == "PASS":
         status, detail = "FAIL", (f"{detail}, but the engine combined with the "
@@ -586,7 +588,14 @@ def throughput_case(name: str, args, m: dict, uld_llm, cuda: bool) -> Check:
         kw["max_model_len"] = need
     make_uld = ((lambda: uld_llm) if uld_llm is not None else
                 (lambda: uld_vllm.LLM(m["model"], uld_adapter=m["adapter"], **kw)))
-    _, uld, _ = run_vllm(make_uld, loads, print)
+    try:
+        _, uld, _ = run_vllm(make_uld, loads, print)  # shuts the engine down when done
+    except BaseException:
+        if uld_llm is not None:  # run_vllm only shuts down after a complete run
+            from uld_vllm.offline import shutdown
+
+            shutdown(uld_llm)
+        raise
     plain_facts, plain, _ = run_vllm(lambda: PlainLLM(m["model"], **kw), loads, print)
     rows = []
     for w in loads:
@@ -753,8 +762,9 @@ def main(argv: list[str] | None = None) -> int:
             report.skip(label, "the server is checked on smollm2 only (the same engine code "
                         "behind it; one more server start buys nothing)")
         else:
-            dtype = "bfloat16" if cuda else "float32"
-            run_check(report, label, serve_case, args, m, ref, dtype, cuda, cuda, out)
+            # fp32 (compiled on CUDA): two answers are too few steps for the statistical bf16
+            # rule, and the strict fp32 one says more; the greedy checks cover bf16
+            run_check(report, label, serve_case, args, m, ref, "float32", cuda, cuda, out)
         del ref
     if "throughput" not in args.checks:
         report.skip("throughput", "not selected (--checks)")
