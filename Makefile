@@ -39,4 +39,4 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) demo_out build *.egg-info
+	rm -rf $(VENV) demo_out gpu_check_out build *.egg-info
