@@ -5,12 +5,12 @@ locally (no hub) and checks, printing ``PASS``/``FAIL``/``SKIP <check>: <one lin
 
 * ``environment``: vLLM inside the range this package declares, the plugin's entry point
   installed (vLLM's spawned workers find the ``Uld*`` architectures only through it);
-* ``greedy MODEL DTYPE MODE``: greedy ULD output of the engine equals the reference decoder's
-  (``uld_vllm.reference``, fp32, the oracle), for fp32 and bf16, eager and compiled (torch.compile
-  + CUDA graphs, vLLM's defaults), with the combine backend the engine picked on CUDA (the fused
-  Triton kernel) asserted;
+* ``greedy MODEL DTYPE MODE``: the engine's greedy ULD tokens checked against the reference
+  decoder (``uld_vllm.reference``, fp32, the oracle), for fp32 and bf16, eager and compiled
+  (torch.compile + CUDA graphs, vLLM's defaults), with the combine backend the engine picked on
+  CUDA (the fused Triton kernel) asserted;
 * ``serve MODEL``: ``uld-vllm serve`` answers ``/v1/completions`` and ``/v1/chat/completions``,
-  streaming and not, with the same text, and its tokens pass the same reference check;
+  streaming and not, with the same text, and its tokens pass the fp32 reference check;
 * ``throughput``: ULD vs plain vLLM decode at batch 1, 32 and 256 (bf16, compiled), plus the
   issue's goals (ULD / plain >= 0.90 at batch 1 and 32) as their own checks;
 * ``bench_kernel``: ``benchmarks/bench_kernel.py`` (fused kernels vs torch, time and GB/s).
@@ -631,7 +631,8 @@ def kernel_case(name: str, out: Path) -> Check:
     (out / "bench_kernel.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0 or not path.is_file():
         tail = (r.stderr.strip() or r.stdout.strip()).splitlines()[-1:] or [""]
-        return Check(name, "FAIL", f"bench_kernel.py exited {r.returncode}: {tail[0][:300]} "
+        what = f"exited {r.returncode}" if r.returncode else f"wrote no {path.name}"
+        return Check(name, "FAIL", f"bench_kernel.py {what}: {tail[0][:300]} "
                      f"(log: {out / 'bench_kernel.log'})")
     doc = json.loads(path.read_text())
     best = max(doc["rows"], key=lambda x: x["speedup"])
