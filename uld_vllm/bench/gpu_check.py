@@ -686,6 +686,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     if min(a.batches) < 1 or a.throughput_tokens < 1 or a.repeats < 1:
         p.error("--batches, --throughput-tokens and --repeats must be >= 1")
+    if not 0.0 <= a.max_tie_fraction <= 1.0:
+        p.error("--max-tie-fraction must be in [0, 1], e.g. 0.05")
+    if not 0.0 < a.gpu_memory_utilization <= 1.0:
+        p.error("--gpu-memory-utilization must be in (0, 1], e.g. 0.45")
     return a
 
 
