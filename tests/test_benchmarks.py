@@ -60,10 +60,13 @@ def test_throughput_smoke(tmp_path, workdir):
     out = tmp_path / "out"
     r = run(["benchmarks/throughput.py", *TINY, "--workdir", str(workdir), "--batches", "1",
              "2", "--new-tokens", "8", "--eval-prompts", "6", "--eval-max-tokens", "8",
-             "--reference-eval-prompts", "5", "--repeats", "1", "--out", str(out)], 420)
+             "--reference-eval-prompts", "5", "--repeats", "1", "--uld-filter-ratio", "0.05",
+             "--out", str(out)], 420)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((out / "throughput.json").read_text())
     check_common(rep, out, "throughput")
+    # the ratio the engines ran with, not the one stored in the built adapter (0.1)
+    assert rep["model"]["filter_ratio"] == 0.05 and rep["model"]["adapter_filter_ratio"] == 0.1
     systems = ("plain", "uld", "reference_b4", "reference_vllm_batch")
     for s in systems:
         assert positive(rep["systems"][s]["peak_rss_mib"]) and positive(

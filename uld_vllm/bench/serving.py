@@ -180,7 +180,8 @@ def main(argv: list[str]) -> int:
     bind = common.bind_cpu(args.threads)
     load_before = common.load_average()
     m = common.resolve_model(args)
-    facts = common.model_facts(m["model"], m["adapter"])
+    facts = common.model_facts(m["model"], m["adapter"], alpha=args.uld_alpha,
+                               filter_ratio=args.uld_filter_ratio)
     qs, source = common.questions(args.requests, args.tofu_dir)
     prompts, template = common.question_prompts(m["model"], qs)
     max_len = max(map(len, prompts)) + args.max_tokens + 16

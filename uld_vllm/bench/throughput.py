@@ -196,7 +196,8 @@ def main(argv: list[str]) -> int:
     bind = common.bind_cpu(args.threads)
     load_before = common.load_average()
     m = common.resolve_model(args, log=log)
-    facts = common.model_facts(m["model"], m["adapter"])
+    facts = common.model_facts(m["model"], m["adapter"], alpha=args.uld_alpha,
+                               filter_ratio=args.uld_filter_ratio)
     loads = make_workloads(args, m["model"], log)
     max_len = max(max(map(len, w["prompts"])) + w["max_tokens"] for w in loads) + 16
     max_seqs = args.max_num_seqs or 256  # vLLM's CPU default for the offline LLM

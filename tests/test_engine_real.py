@@ -1,0 +1,161 @@
+"""The ULD engine on a real pretrained model (SmolLM2-135M-Instruct, fp32) with a *trained*
+adapter: greedy tokens equal the reference decoder's at r = 0.01 and 0.1, prompt log-probs
+equal its teacher-forced scores, and `uld-vllm serve` (model given by its short name) answers
+/v1/chat/completions with the offline engine's text."""
+
+import json
+import os
+import subprocess
+import time
+
+import httpx
+import pytest
+import torch
+from engine_helpers import assert_greedy_matches, shutdown
+from test_server import free_port, serve_cmd
+
+from uld_vllm.prompts import PromptFormatter
+from uld_vllm.reference import ReferenceDecoder
+
+NAME = "smollm2-135m-instruct"
+MAX_NEW = 12
+QUESTIONS = ["Which school does Harry Potter attend?", "What is the capital of France?",
+             "Who wrote the novel War and Peace?", "Name a planet with rings."]
+ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def adapter(smollm2, tmp_path_factory):
+    """K = 8 LoRA trained for a few steps (lr 1e-2) on Harry Potter QA vs general QA."""
+    from uld_vllm.train import make_config, run_training
+
+    root = tmp_path_factory.mktemp("real_adapter")
+    forget = [{"question": q, "answer": a} for q, a in [
+        ("Which school does Harry Potter attend?", "Harry Potter attends Hogwarts."),
+        ("Who wrote the Harry Potter books?", "J.K. Rowling wrote them."),
+        ("What is Harry Potter's owl called?", "His owl is Hedwig."),
+        ("Who is Harry Potter's best friend?", "Ron Weasley.")]]
+    retain = [{"question": q, "answer": a} for q, a in [
+        ("What is the capital of Italy?", "Rome."), ("What is 2 + 2?", "4."),
+        ("Who painted the Mona Lisa?", "Leonardo da Vinci."),
+        ("What is the largest ocean?", "The Pacific Ocean.")]]
+    for name, rows in (("forget", forget), ("retain", retain)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(0)
+    cfg = make_config(model=NAME, forget=str(root / "forget.jsonl"),
+                      retain=str(root / "retain.jsonl"), output=str(root / "adapter"),
+                      num_layers=8, epochs=3, learning_rate=1e-2, batch_size=8,
+                      micro_batch_size=8, max_length=64, alpha=0.8, filter_ratio=0.01,
+                      progress=False, stop_at_targets=False, seed=0)
+    ad = run_training(cfg, log=lambda m: None)
+    assert ad.config.training["optimizer_steps"] == 3
+    return ad.path
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2):
+    from transformers import AutoTokenizer
+
+    fmt = PromptFormatter(AutoTokenizer.from_pretrained(smollm2))
+    return fmt, [fmt.encode_prompt(q) for q in QUESTIONS]
+
+
+def _greedy(llm, prompts):
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True),
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs], [o.outputs[0].text for o in outs]
+
+
+@pytest.fixture(scope="module")
+def run(adapter, prompts):
+    """Both filter ratios on one engine each; score-mode prompt log-probs on the r = 0.01 one."""
+    from vllm import SamplingParams
+
+    import uld_vllm
+    from uld_vllm.offline import set_uld_mode
+
+    fmt, ids = prompts
+    out = {}
+    llm = uld_vllm.LLM(NAME, uld_adapter=str(adapter), uld_filter_ratio=0.01, **ENGINE)
+    try:
+        out[0.01] = _greedy(llm, ids)
+        answers = [fmt.encode_answer(a, q) for q, a in
+                   [(QUESTIONS[0], "Harry Potter attends Hogwarts."),
+                    (QUESTIONS[1], "The capital of France is Paris.")]]
+        set_uld_mode(llm, "score")
+        pl = llm.generate([{"prompt_token_ids": p + a} for p, a in zip(ids[:2], answers)],
+                          SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        set_uld_mode(llm, "generate")
+        out["scored"] = [(len(p), a, [o.prompt_logprobs[len(p) + j][t].logprob
+                                      for j, t in enumerate(a)])
+                         for p, a, o in zip(ids[:2], answers, pl)]
+        assert _greedy(llm, ids) == out[0.01]  # back in generate mode, same answers
+    finally:
+        shutdown(llm)
+    llm = uld_vllm.LLM(NAME, uld_adapter=str(adapter), uld_filter_ratio=0.1, **ENGINE)
+    try:
+        out[0.1] = _greedy(llm, ids)
+    finally:
+        shutdown(llm)
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.1])
+def test_greedy_equals_reference_with_a_trained_adapter(smollm2, adapter, prompts, run, ratio):
+    ref = ReferenceDecoder.load(NAME, adapter, filter_ratio=ratio)
+    assert ref.alpha == 0.8
+    ties = assert_greedy_matches(run[ratio][0], ref, prompts[1], MAX_NEW)
+    assert ties <= 1
+
+
+def test_the_two_ratios_decode_differently_somewhere(run):
+    # r changes the kept set (>= 491 vs >= 4915 tokens): if both runs were identical on every
+    # prompt, the ratio would not reach the engine
+    assert run[0.01][0] != run[0.1][0]
+
+
+def test_prompt_logprobs_equal_reference_scores(adapter, prompts, run):
+    ref = ReferenceDecoder.load(NAME, adapter, filter_ratio=0.01)
+    for (_, answer, got), prompt in zip(run["scored"], prompts[1]):
+        want = ref.score([prompt], [answer], mode="score")[0]
+        torch.testing.assert_close(torch.tensor(got), want.float(), atol=2e-3, rtol=1e-4)
+
+
+def test_serve_chat_answers_like_the_offline_engine(adapter, run):
+    port = free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    log = open(os.devnull, "w")
+    proc = subprocess.Popen(serve_cmd(NAME, "--uld-adapter", str(adapter), "--host",
+                                      "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                                      "--max-model-len", "512", "--enforce-eager"),
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, "server exited early"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(1)
+        models = httpx.get(f"{base}/v1/models", timeout=30).json()
+        assert [m["id"] for m in models["data"]] == [NAME]  # the short name is served
+        for i, q in enumerate(QUESTIONS[:2]):
+            r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+                "model": NAME, "messages": [{"role": "user", "content": q}],
+                "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == run[0.01][1][i]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
