@@ -40,11 +40,14 @@ TOPIC_NAMES = (
     "horcrux", "dementor", "quirrell", "goblet of fire", "hogwarts express")
 # general-knowledge rows about the topic are neither retain data nor retain evaluation
 _TOPIC_ROW = re.compile(r"harry potter|hogwarts|rowling|hermione|dumbledore|voldemort", re.I)
-N_TOFU_RETAIN = 300   # TOFU fictitious-author QA rows on the retain side (every k-th of 4000)
+N_TOFU_RETAIN = 100   # TOFU fictitious-author QA rows on the retain side (every k-th of 4000)
 MAX_NEW_TOKENS = 48
+# the target's own answers used as training rows are cut to this many characters (at a word):
+# their style is what matters, and every token costs a forward and a backward pass
+TRAIN_ANSWER_CHARS = 160
 # The reference recipe (K 8, LoRA r 16 / alpha 32, beta 5, AdamW, weight decay 0.01) with what
 # fits ten minutes on two cores; README "Demo" has the measurements behind each choice.
-TRAIN = {"num_layers": 8, "epochs": 3, "learning_rate": 2e-3, "batch_size": 8,
+TRAIN = {"num_layers": 8, "epochs": 2, "learning_rate": 3e-3, "batch_size": 8,
          "micro_batch_size": 8, "max_length": 128, "target_forget_loss": 0.5,
          "target_retain_kl": 0.5, "seed": 0}
 ALPHA, FILTER_RATIO = 0.8, 0.01
@@ -164,9 +167,18 @@ def goals(summary: dict, wall_s: float) -> list[tuple[str, bool, str]]:
     ]
 
 
+def cut_answer(text: str, limit: int = TRAIN_ANSWER_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0]
+
+
 def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.PathLike | None = None,
-             show: int = 6, log=print) -> dict:
-    """Run the story in ``workdir`` and print it; returns the summary it wrote."""
+             show: int = 6, limit: int | None = None, train: dict | None = None,
+             log=print) -> dict:
+    """Run the story in ``workdir`` and print it; returns the summary it wrote.
+
+    ``limit`` (first N rows of every set) and ``train`` (overrides of ``TRAIN``) make a
+    smoke run of the same code; the demo itself uses neither."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the story readable
     from transformers import AutoTokenizer
@@ -181,6 +193,9 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     if work.exists() and not work.is_dir():
         raise UldError(f"demo workdir {work} is a file", "pass a folder with --workdir")
     data = load_data(Path(data_dir) if data_dir is not None else SHARED_DATA)
+    if limit is not None:
+        data = {k: v[:limit] for k, v in data.items()}
+    recipe = {**TRAIN, **(train or {})}
     model = str(fetch_model(DEMO_MODEL, log=lambda m: log(f"      {m}")))
     work.mkdir(parents=True, exist_ok=True)
     for name in _OUTPUTS:  # only what an earlier demo run wrote; anything else is left alone
@@ -211,22 +226,22 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
         f"({time.perf_counter() - t0:.0f} s so far)")
 
     forget = [{"question": r["question"], "answer": r["answer"]} for r in data["forget"]]
-    forget += [{"question": r["question"], "answer": target[r["question"]]}
+    forget += [{"question": r["question"], "answer": cut_answer(target[r["question"]])}
                for r in data["forget"] if target[r["question"]]]
     retain = [{"question": r["question"], "answer": r["answer"]} for r in data["gk_train"]]
-    retain += [{"question": r["question"], "answer": target[r["question"]]}
+    retain += [{"question": r["question"], "answer": cut_answer(target[r["question"]])}
                for r in data["gk_train"] if target[r["question"]]]
     retain += data["tofu"]
     _write_jsonl(work / "forget.jsonl", forget)
     _write_jsonl(work / "retain.jsonl", retain)
     cfg = make_config(model=model, forget=str(work / "forget.jsonl"),
                       retain=str(work / "retain.jsonl"), output=str(work / "uld_adapter"),
-                      alpha=ALPHA, filter_ratio=FILTER_RATIO, progress=True, **TRAIN)
+                      alpha=ALPHA, filter_ratio=FILTER_RATIO, progress=True, **recipe)
     t_train = time.perf_counter()
     adapter = run_training(cfg, log=lambda m: log(f"      {m}"))
     train_s = time.perf_counter() - t_train
     conv = adapter.config.training
-    log(f"[3/4] ULD adapter: K={TRAIN['num_layers']} of 30 layers, {len(forget)} forget rows, "
+    log(f"[3/4] ULD adapter: K={recipe['num_layers']} of 30 layers, {len(forget)} forget rows, "
         f"{len(retain)} retain rows, {conv['optimizer_steps']} steps in {train_s:.0f} s; "
         f"L_f {conv['forget_loss']:.3f}, L_r {conv['retain_kl']:.3f} "
         f"({'converged' if conv['converged'] else 'NOT converged'})")
@@ -251,7 +266,7 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     log(table)
     wall = time.perf_counter() - t0
     summary.update({"model": DEMO_MODEL, "model_dir": model, "adapter": str(adapter.path),
-                    "alpha": ALPHA, "filter_ratio": FILTER_RATIO, "train": TRAIN,
+                    "alpha": ALPHA, "filter_ratio": FILTER_RATIO, "train": recipe,
                     "train_rows": {"forget": len(forget), "retain": len(retain)},
                     "convergence": conv, "train_s": round(train_s, 1),
                     "wall_s": round(wall, 1)})

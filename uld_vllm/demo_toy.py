@@ -201,9 +201,9 @@ def _cell(text: str, width: int, lines: int) -> list[str]:
 
 
 def format_table(rows: list[tuple[str, str, str, str]], widths=(24, 32, 32, 32),
-                 lines=(4, 6, 6, 6)) -> str:
+                 lines=(4, 6, 6, 6),
+                 head=("question", "ground truth", "target's answer", "ULD answer")) -> str:
     """Side-by-side columns; long cells wrap (and are cut after ``lines`` lines)."""
-    head = ("question", "ground truth", "target's answer", "ULD answer")
     sep = "-+-".join("-" * w for w in widths)
     out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), sep]
     for row in rows:
