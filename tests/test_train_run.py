@@ -129,7 +129,8 @@ def test_adapter_folder_holds_no_base_weights(setup):
 
 def test_adapter_reloads_in_reference_decoder(setup):
     dec = ReferenceDecoder.load(setup["target"], setup["adapter"].path)
-    assert dec.assistant is not None and dec.alpha == 1.0
+    # the adapter's stored defaults (the TOFU recipe) reach the decoder
+    assert dec.assistant is not None and dec.alpha == 0.8 and dec.filter_ratio == 0.01
     fmt = PromptFormatter(dec.tokenizer)
     out = dec.generate([fmt.encode_prompt(setup["forget"][0]["question"])], max_new_tokens=8)
     assert len(out[0].token_ids) >= 1
@@ -138,7 +139,9 @@ def test_adapter_reloads_in_reference_decoder(setup):
 def test_uld_lowers_forget_probability_much_more_than_retain(setup):
     """Per-token answer log-probability, target alone vs ULD (TOFU "score" semantics)."""
     base = ReferenceDecoder.load(setup["target"])
-    uld = ReferenceDecoder.load(setup["target"], setup["adapter"].path)
+    # the settings this test was calibrated with (the reference code's defaults)
+    uld = ReferenceDecoder.load(setup["target"], setup["adapter"].path, alpha=1.0,
+                                filter_ratio=0.1)
     fmt = PromptFormatter(base.tokenizer)
 
     def mean_logprob(dec, rows):
