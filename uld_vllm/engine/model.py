@@ -105,11 +105,22 @@ class UldCausalLMMixin:
         from vllm.model_executor.models.utils import maybe_prefix
 
         from uld_vllm.adapter import load_adapter
+        from uld_vllm.engine.request_controls import FQCN, controls_for
+        from uld_vllm.engine.settings import check_vllm_config
 
         if get_pp_group().world_size > 1:
             raise UldError("ULD does not support pipeline parallelism",
                            "use tensor parallelism (--tensor-parallel-size) instead")
+        # the same refusals as the entry points', for engines built in the plain-vLLM form
+        check_vllm_config(vllm_config)
         self.uld_settings = UldSettings.from_vllm_config(vllm_config)
+        # built by the runner before the model, from the same config (see request_controls)
+        self.uld_controls = controls_for(vllm_config)
+        if self.uld_controls is None:
+            raise UldError("a ULD engine needs its per-request logits processor, or uld_* "
+                           "request arguments would be ignored",
+                           f"pass logits_processors=[{FQCN!r}] (uld_vllm.LLM and "
+                           "--uld-adapter add it)")
         adapter = load_adapter(self.uld_settings.adapter)
         config = vllm_config.model_config.hf_config
         adapter.check_base(config, vllm_config.model_config.model)
@@ -144,19 +155,29 @@ class UldCausalLMMixin:
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         h = hidden_states.shape[1] // 2
+        # per-request (alpha, mode) for the sampled rows; None for prompt log-probs and
+        # warm-up calls, which use the engine's settings
+        rows = self.uld_controls.take(hidden_states.shape[0])
         return self.uld_combiner(self.logits_processor, self.lm_head,
                                  hidden_states[:, :h].contiguous(),
-                                 hidden_states[:, h:].contiguous())
+                                 hidden_states[:, h:].contiguous(), rows)
 
-    # vLLM's vocab-sharded sampling and local argmax see one logits shard at a time; ULD's
-    # filter needs the whole row, so those paths must not be taken (hasattr() -> False).
+    # vLLM's vocabulary-sharded logits paths see one logits shard per rank (batch-sharded
+    # sampling's compute_logits_local, the drafters' get_top_tokens); ULD's filter needs the
+    # whole row, so a filter applied to one shard would be silently wrong. vLLM probes for
+    # them with hasattr(), which an AttributeError answers False; every such probe in the
+    # installed vLLM is listed in tests/test_guardrails.py, so a new one fails the tests.
+    SHARDED_LOGITS_PATHS = ("compute_logits_local", "get_top_tokens")
+
     @property
     def compute_logits_local(self):
-        raise AttributeError("ULD needs full-vocabulary logits")
+        raise AttributeError("compute_logits_local: ULD needs full-vocabulary logits rows, so "
+                             "vocabulary-sharded sampling is refused")
 
     @property
     def get_top_tokens(self):
-        raise AttributeError("ULD needs full-vocabulary logits")
+        raise AttributeError("get_top_tokens: ULD needs full-vocabulary logits rows, so "
+                             "vocabulary-sharded top-token paths are refused")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)
