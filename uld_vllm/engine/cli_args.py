@@ -22,17 +22,20 @@ def add_uld_args(parser) -> None:
     group = parser.add_argument_group(
         "ULD", "uld-vllm unlearning: --uld-adapter DIR, --uld-alpha A, --uld-filter-ratio R, "
         "--uld-mode {generate,score} (`--help=ULD` describes them).\n\nTokens are sampled "
-        "from target - alpha * assistant after the plausibility filter; requests may set "
-        "their own uld_alpha / uld_mode in vllm_xargs.")
+        "from target - alpha * assistant after the plausibility filter.")
     group.add_argument("--uld-adapter", default=None, metavar="DIR",
                        help="ULD adapter folder written by `uld-vllm train`")
     group.add_argument("--uld-alpha", type=float, default=None, metavar="A",
-                       help="weight of the assistant's logits; unset: the adapter's alpha")
+                       help="weight of the assistant's logits; unset: the adapter's alpha. "
+                            "A request may set its own (vllm_xargs {\"uld_alpha\": A}; 0: "
+                            "the target's own distribution)")
     group.add_argument("--uld-filter-ratio", type=float, default=None, metavar="R",
                        help="plausibility-filter ratio in [0, 1); unset: the adapter's")
     group.add_argument("--uld-mode", choices=["generate", "score"], default="generate",
                        help="'score' keeps the target's logit on filtered-out tokens (TOFU "
-                            "scoring through prompt_logprobs); 'generate' masks them")
+                            "scoring through prompt_logprobs); 'generate' masks them. A "
+                            "request may set its own for its sampled tokens (vllm_xargs "
+                            "{\"uld_mode\": M}); prompt_logprobs always use this one")
 
 
 def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
