@@ -123,8 +123,12 @@ def test_bench_cli_help_and_errors():
     assert r.returncode == 0 and "--batches" in r.stdout and "--threads" in r.stdout
     r = cli("bench", "serving", "--help")
     assert r.returncode == 0 and "--concurrency" in r.stdout
+    r = cli("bench", "soak", "--help")
+    assert r.returncode == 0 and "--cut-fraction" in r.stdout and "--bad-fraction" in r.stdout
+    r = cli("bench", "soak", "--cut-fraction", "0.8", "--bad-fraction", "0.5")
+    assert r.returncode == 2 and "add up to at most 1" in r.stderr
     r = cli("bench")
-    assert r.returncode == 2 and "throughput" in r.stderr
+    assert r.returncode == 2 and "throughput" in r.stderr and "soak" in r.stderr
     r = cli("bench", "latency")
     assert r.returncode == 2 and r.stderr.strip().startswith("uld-vllm: error:")
     r = cli("bench", "throughput", "--model", "some/model")

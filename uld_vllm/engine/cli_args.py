@@ -64,6 +64,9 @@ def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
         enable_batch_sharded_sampling=getattr(engine_args, "enable_batch_sharded_sampling",
                                               None))
     use_v1_model_runner()
+    from uld_vllm.engine.request_controls import validate_at_request_parsing
+
+    validate_at_request_parsing()  # this process serves the requests: 400 before any stream
     engine_args.logits_processors = with_request_controls(engine_args.logits_processors)
     if not engine_args.worker_extension_cls:
         engine_args.worker_extension_cls = WORKER_EXTENSION

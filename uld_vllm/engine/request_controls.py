@@ -105,6 +105,33 @@ def _row_of(params, _prompt_ids, _output_ids):
     return None if alpha is None and mode is None else (alpha, mode)
 
 
+def validate_at_request_parsing() -> None:
+    """Check ``uld_*`` arguments when the OpenAI server builds a request's SamplingParams.
+
+    vLLM runs logits processors' ``validate_params`` when the request enters the engine
+    client, which for ``stream=true`` happens after the 200 response has started: the refusal
+    would be an error event inside a 200 stream. The OpenAI protocols build their
+    SamplingParams with ``SamplingParams.from_optional`` while the handler can still answer
+    400, so the server process (only one that serves ``--uld-adapter``) checks there too."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    if getattr(SamplingParams, "_uld_checked", False):
+        return
+    original = SamplingParams.from_optional
+
+    def from_optional(*args, **kwargs):
+        params = original(*args, **kwargs)
+        try:
+            UldRequestControls.validate_params(params)
+        except ValueError as exc:
+            raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
+        return params
+
+    SamplingParams.from_optional = staticmethod(from_optional)
+    SamplingParams._uld_checked = True
+
+
 # id(vllm_config) -> the worker's RowControls (one runner per worker process in V1)
 _CONTROLS: dict[int, RowControls] = {}
 
