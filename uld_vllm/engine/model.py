@@ -97,6 +97,47 @@ class UldAssistantLayer(nn.Module):
         return down, res
 
 
+def _compiled(cls):
+    from vllm.compilation.decorators import support_torch_compile
+
+    # dimension 0 (tokens) varies between steps, as in vLLM's own decoder models; the
+    # stacked [target; assistant] rows (2T) derive from it inside the graph
+    return support_torch_compile(dynamic_arg_dims={
+        "input_ids": {0: "b"}, "positions": {0: "b"}, "inputs_embeds": {0: "b"}})(cls)
+
+
+@_compiled
+class UldForward(nn.Module):
+    """The whole ULD forward (stacked assistant layers, the rest of the target, final norm).
+
+    A module of its own under ``support_torch_compile``: the ``*ForCausalLM`` forward that
+    runs it is not compiled by vLLM (only its inner ``*Model`` is, and ULD does not call that
+    one's forward), so without this ``enforce_eager=False`` would compile nothing of the ULD
+    path. With compilation on, vLLM's backend splits this graph at the attention ops
+    (piecewise), so CUDA graphs can capture the pieces on GPU. The owner is kept in a tuple so
+    its modules stay registered once, under their own names."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", owner=None):
+        super().__init__()
+        self._owner = (owner,)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        owner = self._owner[0]
+        m = owner.model
+        h = inputs_embeds if inputs_embeds is not None else m.embed_input_ids(input_ids)
+        T = h.shape[0]
+        hs, res = torch.cat([h, h]), None
+        positions2 = torch.cat([positions, positions])
+        for layer in owner.uld_layers.values():
+            hs, res = layer(positions2, hs, res, T)
+        h_t, r_t = hs[:T], res[:T]
+        for layer in m.layers[owner.uld_num_layers:]:
+            h_t, r_t = layer(positions, h_t, r_t)
+        normed, _ = m.norm(torch.cat([h_t, hs[T:]]), torch.cat([r_t, res[T:]]))
+        return torch.cat([normed[:T], normed[T:]], dim=-1)
+
+
 class UldCausalLMMixin:
     """Turns a vLLM ``*ForCausalLM`` (Llama family, Qwen2) into its ULD variant."""
 
@@ -136,22 +177,13 @@ class UldCausalLMMixin:
             for i in range(k)
         })
         self.uld_combiner = UldCombiner(self.uld_settings)
+        # a tuple, like the owner inside it: no second registration of any module
+        self._uld_forward = (UldForward(vllm_config=vllm_config, prefix=base, owner=self),)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:
-        m = self.model
-        h = inputs_embeds if inputs_embeds is not None else m.embed_input_ids(input_ids)
-        T = h.shape[0]
-        hs, res = torch.cat([h, h]), None
-        positions2 = torch.cat([positions, positions])
-        for layer in self.uld_layers.values():
-            hs, res = layer(positions2, hs, res, T)
-        h_t, r_t = hs[:T], res[:T]
-        for layer in m.layers[self.uld_num_layers:]:
-            h_t, r_t = layer(positions, h_t, r_t)
-        normed, _ = m.norm(torch.cat([h_t, hs[T:]]), torch.cat([r_t, res[T:]]))
-        return torch.cat([normed[:T], normed[T:]], dim=-1)
+        return self._uld_forward[0](input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         h = hidden_states.shape[1] // 2

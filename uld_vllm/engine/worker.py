@@ -38,3 +38,20 @@ class UldWorkerExtension:
         c = model.uld_combiner
         return {"alpha": c.alpha, "mode": c.mode, "filter_ratio": c.filter_ratio,
                 "backend": c.backend, "stats": dict(c.stats)}
+
+    def uld_forward_state(self) -> dict | None:
+        """Whether vLLM compiles the ULD forward, whether it is compiled now (in this run, or
+        loaded from vLLM's AOT compile cache), and whether the target's inner ``*Model`` was
+        compiled instead (it must not be: ULD never calls its forward). None on a plain model."""
+        model = self._uld_model()
+        if model is None:
+            return None
+
+        def compiled(mod) -> bool:
+            return bool(getattr(mod, "compiled", False)
+                        or getattr(mod, "aot_compiled_fn", None) is not None)
+
+        fwd = model._uld_forward[0]
+        return {"compiles": not fwd.do_not_compile, "compiled": compiled(fwd),
+                "from_cache": bool(getattr(fwd, "was_aot_compile_fn_loaded_from_disk", False)),
+                "inner_model_compiled": compiled(model.model)}
