@@ -46,6 +46,9 @@ def uld(tiny_llama, llama_adapter):
         plp = SamplingParams(max_tokens=1, prompt_logprobs=0)
         outs = llm.generate(PROMPTS + [PROMPTS[5]], sps + [plp], use_tqdm=False)
         run["mixed"], run["prompt_lp"] = outs[:-1], outs[-1]
+        # the same prompts without per-request values: the engine's scalar path
+        run["defaults"] = llm.generate(PROMPTS, SamplingParams(
+            max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, logprobs=2), use_tqdm=False)
         run["rejected"] = []
         for xa in ({"uld_alpha": -1.0}, {"uld_alpah": 0.5}, {"uld_mode": "x"}):
             with pytest.raises(VLLMValidationError) as e:
@@ -71,16 +74,44 @@ def uld(tiny_llama, llama_adapter):
     return run
 
 
-@pytest.fixture(scope="module")
-def plain(tiny_llama):
-    from vllm import LLM, SamplingParams
+def _separate(make):
+    from vllm import SamplingParams
 
-    llm = LLM(str(tiny_llama), **KW)
+    llm = make()
     try:
         sp = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, logprobs=2)
         return llm.generate(PROMPTS, sp, use_tqdm=False)
     finally:
         shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_llama):
+    from vllm import LLM
+
+    return _separate(lambda: LLM(str(tiny_llama), **KW))
+
+
+@pytest.fixture(scope="module")
+def half(tiny_llama, llama_adapter):
+    """A separate ULD engine whose own alpha is 0.5."""
+    import uld_vllm
+
+    return _separate(lambda: uld_vllm.LLM(str(tiny_llama), uld_adapter=str(llama_adapter),
+                                          uld_alpha=0.5, uld_filter_ratio=0.1, **KW))
+
+
+def assert_rows_equal(mixed, separate, rows):
+    """Tokens and top-2 log-probs of ``rows`` equal the separate run's (its first tokens)."""
+    for i in rows:
+        got, want = mixed[i].outputs[0], separate[i].outputs[0]
+        n = LENGTHS[i]
+        assert list(got.token_ids) == list(want.token_ids)[:n], i
+        for step in range(n):
+            g, w = got.logprobs[step], want.logprobs[step]
+            assert set(g) == set(w)
+            for tok in g:
+                assert g[tok].logprob == pytest.approx(w[tok].logprob, abs=1e-4)
 
 
 def assert_prefixes_match(outs, ref, idx):
@@ -99,15 +130,15 @@ def assert_prefixes_match(outs, ref, idx):
 
 
 def test_alpha_zero_rows_are_plain_vllm_tokens_and_logprobs(uld, plain):
-    for i in range(2, len(PROMPTS), 3):
-        got, want = uld["mixed"][i].outputs[0], plain[i].outputs[0]
-        n = LENGTHS[i]
-        assert list(got.token_ids) == list(want.token_ids)[:n]
-        for step in range(n):
-            g, w = got.logprobs[step], want.logprobs[step]
-            assert set(g) == set(w)
-            for tok in g:
-                assert g[tok].logprob == pytest.approx(w[tok].logprob, abs=1e-4)
+    assert_rows_equal(uld["mixed"], plain, range(2, len(PROMPTS), 3))
+
+
+def test_half_alpha_rows_are_a_separate_alpha_half_engine(uld, half):
+    assert_rows_equal(uld["mixed"], half, range(1, len(PROMPTS), 3))
+
+
+def test_default_rows_are_the_engine_without_per_request_values(uld):
+    assert_rows_equal(uld["mixed"], uld["defaults"], range(0, len(PROMPTS), 3))
 
 
 def test_default_and_half_alpha_rows_equal_the_reference_at_their_alpha(uld, tiny_llama,
