@@ -108,7 +108,22 @@ def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = N
     hf["architectures"] = [ULD_ARCHITECTURES[arch]]
     extra: dict[str, Any] = dict(additional_config or {})
     extra["uld"] = {k: v for k, v in dataclasses.asdict(settings).items() if k != "backend"}
+    # vLLM keys its compile cache on the config's hash, additional_config included; the
+    # compiled ULD graph depends on the adapter's K and LoRA shapes, so an adapter rewritten
+    # in place must not reuse a graph compiled for its former self
+    extra["uld"]["adapter_hash"] = _adapter_hash(ad)
     return hf, extra
+
+
+def _adapter_hash(ad) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(ad.path).glob("*.json")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    st = Path(ad.weights_file).stat()
+    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def check_engine_options(*, enable_lora=False, speculative_config=None,
