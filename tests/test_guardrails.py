@@ -81,6 +81,14 @@ def _vllm_model_probes() -> set[str]:
 def test_every_logits_path_vllm_probes_is_known_and_the_sharded_ones_are_refused():
     """A new vLLM fast path that computes logits per vocabulary shard would apply ULD's
     filter to one shard; this fails until that path is looked at and listed."""
+    # imported for this test only: test_plugin checks that register() alone never loads it
+    try:
+        _check_probes()
+    finally:
+        sys.modules.pop("uld_vllm.engine.model", None)
+
+
+def _check_probes():
     from uld_vllm.engine.model import UldLlamaForCausalLM, UldQwen2ForCausalLM
 
     logits_paths = {n for n in _vllm_model_probes() if "logits" in n or "top_token" in n}
