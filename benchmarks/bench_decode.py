@@ -119,12 +119,10 @@ def main() -> None:
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    from uld_vllm.engine.inspect import combiner_stats
-
     llm = uld_vllm.LLM(str(model), uld_adapter=str(adapter),
                        uld_filter_ratio=args.filter_ratio, **kw)
     results["uld"] = measure(llm, prompts, args)
-    results["uld"]["head_paths"] = llm.apply_model(combiner_stats)[0]
+    results["uld"]["head_paths"] = llm.collective_rpc("uld_combiner_state")[0]["stats"]
     if args.profile:
         results["uld_profile_top_ops"] = profile_step(llm, prompts, args)
     llm.llm_engine.engine_core.shutdown()

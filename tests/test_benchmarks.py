@@ -61,7 +61,7 @@ def test_throughput_smoke(tmp_path, workdir):
     r = run(["benchmarks/throughput.py", *TINY, "--workdir", str(workdir), "--batches", "1",
              "2", "--new-tokens", "8", "--eval-prompts", "6", "--eval-max-tokens", "8",
              "--reference-eval-prompts", "5", "--repeats", "1", "--uld-filter-ratio", "0.05",
-             "--out", str(out)], 420)
+             "--compiled", "--out", str(out)], 600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((out / "throughput.json").read_text())
     check_common(rep, out, "throughput")
@@ -84,6 +84,11 @@ def test_throughput_smoke(tmp_path, workdir):
         for key in ("uld_over_plain", "uld_over_reference_b4", "uld_over_reference_vllm_batch"):
             assert positive(w["ratios"][key])
         assert 0 <= w["uld_greedy_same_as_reference"] <= 1
+        c = w["compiled"]  # --compiled: the same workload on compiled engines
+        for s in ("plain_compiled", "uld_compiled"):
+            assert positive(c["results"][s]["tokens_per_s"])
+        assert positive(c["uld_over_plain"]) and positive(c["uld_compiled_over_eager"])
+        assert 0 <= c["uld_greedy_same_as_eager"] <= 1
     decode, ev = rep["workloads"][1], rep["workloads"][2]
     assert decode["results"]["plain"]["tokens"] == 2 * 8  # ignore_eos: every token counted
     assert decode["results"]["reference_b4"]["tokens"] == 2 * 8
@@ -94,6 +99,7 @@ def test_throughput_smoke(tmp_path, workdir):
     tgt = rep["targets"]["uld_over_reference_b4 eval"]
     assert tgt["target"] == 3.0 and positive(tgt["measured"]) and isinstance(tgt["met"], bool)
     assert "ULD/plain" in r.stdout and "peak RSS" in r.stdout  # the terminal table
+    assert "ULD compiled" in r.stdout
 
 
 def test_serving_smoke(tmp_path, workdir):
@@ -126,8 +132,12 @@ def test_bench_cli_help_and_errors():
     assert r.returncode == 0 and "--batches" in r.stdout and "--threads" in r.stdout
     r = cli("bench", "serving", "--help")
     assert r.returncode == 0 and "--concurrency" in r.stdout
+    r = cli("bench", "soak", "--help")
+    assert r.returncode == 0 and "--cut-fraction" in r.stdout and "--bad-fraction" in r.stdout
+    r = cli("bench", "soak", "--cut-fraction", "0.8", "--bad-fraction", "0.5")
+    assert r.returncode == 2 and "add up to at most 1" in r.stderr
     r = cli("bench")
-    assert r.returncode == 2 and "throughput" in r.stderr
+    assert r.returncode == 2 and "throughput" in r.stderr and "soak" in r.stderr
     r = cli("bench", "latency")
     assert r.returncode == 2 and r.stderr.strip().startswith("uld-vllm: error:")
     r = cli("bench", "throughput", "--model", "some/model")

@@ -56,3 +56,17 @@ def test_uld_flags_are_applied_to_engine_args(tiny_llama, llama_adapter):
     uld = ea.additional_config["uld"]
     assert uld["filter_ratio"] == 0.01 and uld["alpha"] == 0.8 and uld["mode"] == "generate"
     assert isinstance(args, argparse.Namespace)
+
+
+def test_adapter_hash_keys_the_compile_cache_on_the_adapters_contents(tiny_llama, tmp_path):
+    """vLLM's compile cache is keyed on the config hash (additional_config included): an
+    adapter rewritten in place with another K must change it."""
+    from uld_vllm.engine.settings import engine_overrides
+    from uld_vllm.tiny import make_random_adapter
+
+    path = tmp_path / "adapter"
+    make_random_adapter(tiny_llama, path, num_layers=2, seed=3)
+    first = engine_overrides(str(tiny_llama), path)[1]["uld"]["adapter_hash"]
+    assert engine_overrides(str(tiny_llama), path)[1]["uld"]["adapter_hash"] == first
+    make_random_adapter(tiny_llama, path, num_layers=1, seed=3, overwrite=True)
+    assert engine_overrides(str(tiny_llama), path)[1]["uld"]["adapter_hash"] != first

@@ -159,3 +159,64 @@ def test_bad_adapter_stops_the_server_with_one_line(case, tiny_llama, tiny_qwen2
     want = {"missing": "does not exist", "other-base": "was trained for base model",
             "filter-ratio": "out of range", "unexpected-module": "unexpected module"}[case]
     assert want in lines[0]
+
+
+def test_per_request_alpha_zero_over_http_is_the_target(server, tiny_llama):
+    """vllm_xargs (the openai SDK's extra_body) carries uld_alpha; 0 serves the target."""
+    prompt = "Question: What did the river do? Answer:"
+    body = {"model": "tiny-uld", "prompt": prompt, "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True}
+    r0 = post(server, "/v1/completions", {**body, "vllm_xargs": {"uld_alpha": 0}})
+    assert r0.status_code == 200, r0.text
+    plain = ReferenceDecoder.load(tiny_llama)
+    want = plain.generate([prompt], max_new_tokens=12, ignore_eos=True)[0].text
+    assert r0.json()["choices"][0]["text"] == want
+    uld = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    assert uld != want  # the default request still gets the ULD distribution
+
+
+@pytest.mark.parametrize("xargs, words", [
+    ({"uld_alpha": -1}, ["uld_alpha", ">= 0"]),
+    ({"uld_alpha": "0.5"}, ["uld_alpha", "JSON number"]),
+    ({"uld_beta": 1}, ["'uld_beta'", "uld_alpha", "uld_mode"]),
+    ({"uld_mode": "sample"}, ["uld_mode", "'generate'"]),
+])
+def test_bad_per_request_values_are_a_400_naming_the_key(server, xargs, words):
+    # streaming too: the refusal must come before the 200 of an event stream
+    for path, extra in (("/v1/completions", {"prompt": "Hello"}),
+                        ("/v1/completions", {"prompt": "Hello", "stream": True}),
+                        ("/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "Hello"}],
+                          "stream": True})):
+        r = post(server, path, {"model": "tiny-uld", "max_tokens": 4, "vllm_xargs": xargs,
+                                **extra})
+        assert r.status_code == 400, r.text
+        msg = r.json()["error"]["message"]
+        for w in words:
+            assert w in msg, msg
+    ok = post(server, "/v1/completions", {"model": "tiny-uld", "prompt": "Hello",
+                                          "max_tokens": 4})
+    assert ok.status_code == 200
+
+
+def test_soak_small_with_disconnects_and_bad_requests_leaves_nothing_behind(server):
+    """The bench program's load (uld_vllm.bench.soak) at a small size: 36 streaming requests,
+    6 in flight, ~30 % cut mid-stream, ~10 % malformed, mixed alphas."""
+    import asyncio
+
+    from uld_vllm.bench import soak
+
+    reqs = soak.plan(36, cut_fraction=0.3, bad_fraction=0.1, seed=1)
+    kinds = {k: sum(r["kind"] == k for r in reqs) for k in ("ok", "cut", "bad")}
+    assert kinds["cut"] >= 6 and kinds["bad"] >= 2 and kinds["ok"] >= 15
+    prompts = ["The author wrote", "Hello", "Question: Where was the poet born? Answer:"]
+    recs, wall = asyncio.run(soak.drive(server, "tiny-uld", prompts, reqs, max_tokens=10,
+                                        concurrency=6))
+    rep = soak.summarize(recs, wall, soak.leak_check(server))
+    assert rep["failures"] == [], rep["failures"]
+    assert rep["ok_complete"] == kinds["ok"] and rep["rejected_with_400"] == kinds["bad"]
+    assert all(r["chunks"] < 10 for r in recs if r["kind"] == "cut")  # really cut
+    leaks = rep["leaks"]
+    assert leaks["health"] == 200 and leaks["idle"], leaks
+    assert leaks["num_requests_running"] == 0 and leaks["kv_cache_usage_perc"] == 0
+    assert rep["passed"]

@@ -11,10 +11,15 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
     """Build ``vllm.LLM(model, **vllm_kwargs)`` that decodes with ULD.
 
     Returns vLLM's own ``LLM`` object (so ``generate``, ``chat``, ``SamplingParams``, outputs
-    are vLLM's). Without ``uld_adapter`` it is plain vLLM. Equivalent plain-vLLM form::
+    are vLLM's). Without ``uld_adapter`` it is plain vLLM. Equivalent plain-vLLM form (with
+    ``VLLM_USE_V2_MODEL_RUNNER=0`` in the environment)::
 
         vllm.LLM(model, hf_overrides={"architectures": ["UldLlamaForCausalLM"]},
-                 additional_config={"uld": {"adapter": DIR, "alpha": A, "filter_ratio": R}})
+                 additional_config={"uld": {"adapter": DIR, "alpha": A, "filter_ratio": R}},
+                 logits_processors=["uld_vllm.engine.request_controls:UldRequestControls"],
+                 worker_extension_cls="uld_vllm.engine.worker.UldWorkerExtension")
+
+    Per request: ``SamplingParams(extra_args={"uld_alpha": 0.5, "uld_mode": "generate"})``.
     """
     import vllm
 
@@ -22,8 +27,22 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
 
     model = resolve_model(model)
     if uld_adapter is not None:
-        from uld_vllm.engine.settings import engine_overrides
+        from uld_vllm.engine.settings import (
+            WORKER_EXTENSION,
+            check_engine_options,
+            engine_overrides,
+            use_v1_model_runner,
+            with_request_controls,
+        )
 
+        check_engine_options(**{k: vllm_kwargs[k] for k in (
+            "enable_lora", "speculative_config", "pipeline_parallel_size",
+            "enable_batch_sharded_sampling") if k in vllm_kwargs})
+        use_v1_model_runner()
+        vllm_kwargs["logits_processors"] = with_request_controls(
+            vllm_kwargs.get("logits_processors"))
+        # kept when the caller brings its own: set_uld_mode then says what is missing
+        vllm_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
         hf, extra = engine_overrides(
             model, uld_adapter, alpha=uld_alpha, filter_ratio=uld_filter_ratio, mode=uld_mode,
             hf_overrides=vllm_kwargs.pop("hf_overrides", None),

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import os
 import time
 from collections.abc import Iterable, Iterator
 
@@ -32,10 +30,6 @@ class EngineSpec:
     vllm_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def build(self):
-        if self.uld_adapter is not None:
-            # the eval flips the ULD mode of a running engine (one engine for scoring and
-            # generation); the function travels to vLLM's engine process over its local IPC
-            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         from uld_vllm.llm import LLM
 
         return LLM(self.model, uld_adapter=self.uld_adapter, uld_alpha=self.uld_alpha,
@@ -87,22 +81,25 @@ def engine_spec(a) -> EngineSpec:
     return EngineSpec(a.model, a.uld_adapter, a.uld_alpha, a.uld_filter_ratio, kw)
 
 
-def _set_mode(model, mode: str) -> str | None:
-    combiner = getattr(model, "uld_combiner", None)
-    if combiner is not None:
-        combiner.mode = mode
-        return mode
-    return None
-
-
 def set_uld_mode(llm, mode: str) -> None:
     """Switch a running ULD engine between generation and scoring semantics (no-op if plain).
 
-    The KV cache does not depend on the mode (only the final combination does), so cached
-    prefixes stay valid across the switch."""
-    if "uld" not in (llm.llm_engine.vllm_config.additional_config or {}):
+    Called between jobs, with no request in flight. The KV cache does not depend on the mode
+    (only the final combination does), so cached prefixes stay valid across the switch. The
+    worker method is called by name (``uld_vllm.engine.worker``): nothing pickled travels."""
+    from uld_vllm.engine.settings import WORKER_EXTENSION
+
+    config = llm.llm_engine.vllm_config
+    if "uld" not in (config.additional_config or {}):
         return
-    llm.apply_model(functools.partial(_set_mode, mode=mode))
+    if config.parallel_config.worker_extension_cls != WORKER_EXTENSION:
+        raise UldError(f"this ULD engine's workers have worker_extension_cls="
+                       f"{config.parallel_config.worker_extension_cls!r}, which cannot switch "
+                       "the ULD mode", f"build it without worker_extension_cls (uld_vllm.LLM "
+                       f"sets {WORKER_EXTENSION!r}) or subclass that class")
+    got = llm.collective_rpc("uld_set_mode", args=(mode,))
+    if any(g != mode for g in got):
+        raise RuntimeError(f"uld_set_mode({mode!r}) answered {got} on the workers")
 
 
 class Progress:

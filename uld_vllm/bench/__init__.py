@@ -1,4 +1,4 @@
-"""`uld-vllm bench {throughput,serving} ...`: the benchmark programs.
+"""`uld-vllm bench {throughput,serving,soak} ...`: the benchmark programs.
 
 The logic lives here (so the installed console script runs it from anywhere); the scripts in
 ``benchmarks/`` are thin wrappers around :func:`main`.
@@ -13,8 +13,9 @@ from uld_vllm.errors import UldError, exit_status
 BENCHMARKS = {
     "throughput": "offline tokens/s: plain vLLM vs the ULD engine vs the reference decoder",
     "serving": "OpenAI server under concurrent streaming load: plain vs --uld-adapter",
+    "soak": "ULD server under mixed load with disconnects and bad requests; leak checks",
 }
-USAGE = "usage: uld-vllm bench {throughput,serving} [ARGS...]"
+USAGE = "usage: uld-vllm bench {throughput,serving,soak} [ARGS...]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,8 @@ def _run(name: str, rest: list[str]) -> int:
         from uld_vllm.bench.throughput import main as run
     elif name == "serving":
         from uld_vllm.bench.serving import main as run
+    elif name == "soak":
+        from uld_vllm.bench.soak import main as run
     else:
-        raise UldError(f"unknown benchmark {name!r}", "choose throughput or serving")
+        raise UldError(f"unknown benchmark {name!r}", "choose throughput, serving or soak")
     return run(rest)

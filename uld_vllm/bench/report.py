@@ -44,6 +44,19 @@ def throughput_table(rep: dict) -> str:
                                                          "uld_over_reference_b4",
                                                          "uld_over_reference_vllm_batch"))])
     m, t, s = rep["model"], rep["threads"], rep["systems"]
+    compiled = ""
+    if any("compiled" in w for w in rep["workloads"]):
+        crows = [[workload_label(w), f"{w['results']['plain']['tokens_per_s']:.1f}",
+                  f"{w['compiled']['results']['plain_compiled']['tokens_per_s']:.1f}",
+                  f"{w['results']['uld']['tokens_per_s']:.1f}",
+                  f"{w['compiled']['results']['uld_compiled']['tokens_per_s']:.1f}",
+                  f"{w['ratios']['uld_over_plain']:.3f}",
+                  f"{w['compiled']['uld_over_plain']:.3f}",
+                  f"{w['compiled']['uld_greedy_same_as_eager']:.2f}"]
+                 for w in rep["workloads"]]
+        compiled = "\n" + table(["workload", "plain eager", "plain compiled", "ULD eager",
+                                 "ULD compiled", "ULD/plain eager", "ULD/plain compiled",
+                                 "ULD greedy same"], crows) + "\n"
     lines = [
         "",
         f"machine: {rep['machine']['cpu']} ({rep['machine']['logical_cpus']} logical CPUs"
@@ -57,7 +70,7 @@ def throughput_table(rep: dict) -> str:
         f"{t['reference']}); KV cache {rep['kv_cache_gib']} GiB",
         "",
         table(headers, rows),
-        "",
+        compiled,
         "peak RSS, process + children (MiB): " + ", ".join(
             f"{LABELS[k]} {s[k]['peak_rss_mib']:.0f}" for k in ("plain", "uld", "reference_b4"))
         + " (both reference runs share one process phase)",

@@ -59,7 +59,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     w.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
     w.add_argument("--no-eager", action="store_true",
                    help="let vLLM compile / use CUDA graphs (default: enforce_eager, both)")
+    w.add_argument("--compiled", action="store_true",
+                   help="also run plain vLLM and the ULD engine compiled (enforce_eager=False) "
+                        "and report eager and compiled side by side")
     a = p.parse_args(argv)
+    if a.compiled and a.no_eager:
+        p.error("--compiled adds compiled runs to the eager ones; drop --no-eager")
     for name in ("batches", "new_tokens"):
         if min(getattr(a, name)) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -230,6 +235,13 @@ def main(argv: list[str]) -> int:
                        ("uld", lambda: uld_vllm.LLM(m["model"], **uld_kw, **kw))):
         log(f"{name}: starting the engine")
         systems[name], results[name], outputs[name] = run_vllm(make, loads, log)
+    if args.compiled:
+        ckw = dict(kw, enforce_eager=False)
+        for name, make in (("plain_compiled", lambda: PlainLLM(m["model"], **ckw)),
+                           ("uld_compiled", lambda: uld_vllm.LLM(m["model"], **uld_kw,
+                                                                 **ckw))):
+            log(f"{name}: starting the engine (vLLM compiles it)")
+            systems[name], results[name], outputs[name] = run_vllm(make, loads, log)
     seqs = systems["uld"]["max_num_seqs"] or 256
     vllm_batch = {w["name"]: min(len(w["prompts"]), seqs) for w in loads}
     log("reference: loading the two HF models")
@@ -253,6 +265,18 @@ def main(argv: list[str]) -> int:
         same = sum(a == b for a, b in zip(outputs["uld"][w["name"]][:n],
                                           outputs["reference"][w["name"]]))
         row["uld_greedy_same_as_reference"] = same / n
+        if args.compiled:
+            c = {s: results[s][w["name"]] for s in ("plain_compiled", "uld_compiled")}
+            row["compiled"] = {
+                "results": c,
+                "uld_over_plain": c["uld_compiled"]["tokens_per_s"]
+                / c["plain_compiled"]["tokens_per_s"],
+                "uld_compiled_over_eager": c["uld_compiled"]["tokens_per_s"]
+                / row["results"]["uld"]["tokens_per_s"],
+                "uld_greedy_same_as_eager": sum(
+                    a == b for a, b in zip(outputs["uld_compiled"][w["name"]],
+                                           outputs["uld"][w["name"]]))
+                / len(outputs["uld"][w["name"]])}
         report["workloads"].append(row)
     report["targets"] = targets(report)
     report["load_average"] = {"before": load_before, "after": common.load_average()}

@@ -17,23 +17,36 @@ from uld_vllm.errors import UldError
 
 
 def add_uld_args(parser) -> None:
+    # vLLM's --help lists each group's title and first paragraph only; `--help=ULD` shows
+    # the flags, so the summary names them
     group = parser.add_argument_group(
-        "ULD (uld-vllm)", "Serve the model with a ULD unlearning adapter: tokens are sampled "
+        "ULD", "uld-vllm unlearning: --uld-adapter DIR, --uld-alpha A, --uld-filter-ratio R, "
+        "--uld-mode {generate,score} (`--help=ULD` describes them).\n\nTokens are sampled "
         "from target - alpha * assistant after the plausibility filter.")
     group.add_argument("--uld-adapter", default=None, metavar="DIR",
                        help="ULD adapter folder written by `uld-vllm train`")
     group.add_argument("--uld-alpha", type=float, default=None, metavar="A",
-                       help="weight of the assistant's logits; unset: the adapter's alpha")
+                       help="weight of the assistant's logits; unset: the adapter's alpha. "
+                            "A request may set its own (vllm_xargs {\"uld_alpha\": A}; 0: "
+                            "the target's own distribution)")
     group.add_argument("--uld-filter-ratio", type=float, default=None, metavar="R",
                        help="plausibility-filter ratio in [0, 1); unset: the adapter's")
     group.add_argument("--uld-mode", choices=["generate", "score"], default="generate",
                        help="'score' keeps the target's logit on filtered-out tokens (TOFU "
-                            "scoring through prompt_logprobs); 'generate' masks them")
+                            "scoring through prompt_logprobs); 'generate' masks them. A "
+                            "request may set its own for its sampled tokens (vllm_xargs "
+                            "{\"uld_mode\": M}); prompt_logprobs always use this one")
 
 
 def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
     """Set the ULD model class and settings on ``engine_args`` from parsed ``--uld-*`` flags."""
-    from uld_vllm.engine.settings import engine_overrides
+    from uld_vllm.engine.settings import (
+        WORKER_EXTENSION,
+        check_engine_options,
+        engine_overrides,
+        use_v1_model_runner,
+        with_request_controls,
+    )
 
     loose = [f for f in ("uld_alpha", "uld_filter_ratio") if getattr(args, f, None) is not None]
     if not getattr(args, "uld_adapter", None):
@@ -45,6 +58,18 @@ def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
     if callable(hf):
         raise UldError("--uld-adapter cannot be combined with a callable hf_overrides",
                        "pass hf_overrides as a dict")
+    check_engine_options(
+        enable_lora=engine_args.enable_lora, speculative_config=engine_args.speculative_config,
+        pipeline_parallel_size=engine_args.pipeline_parallel_size,
+        enable_batch_sharded_sampling=getattr(engine_args, "enable_batch_sharded_sampling",
+                                              None))
+    use_v1_model_runner()
+    from uld_vllm.engine.request_controls import validate_at_request_parsing
+
+    validate_at_request_parsing()  # this process serves the requests: 400 before any stream
+    engine_args.logits_processors = with_request_controls(engine_args.logits_processors)
+    if not engine_args.worker_extension_cls:
+        engine_args.worker_extension_cls = WORKER_EXTENSION
     hf_overrides, additional = engine_overrides(
         engine_args.model, args.uld_adapter, alpha=args.uld_alpha,
         filter_ratio=args.uld_filter_ratio, mode=args.uld_mode, hf_overrides=hf,

@@ -17,6 +17,11 @@ soft-capping) and the torch backend; otherwise the dense path runs. The backend 
 at engine start (``ULD_BACKEND=auto|torch|triton``, see ``_pick_backend``): ``triton`` runs the
 dense combination in the fused kernel of ``uld_vllm.kernels`` (CUDA, or the Triton interpreter
 on CPU with ``TRITON_INTERPRET=1``); ``torch`` runs ``uld_logits``.
+
+Per-request values (``uld_vllm.engine.request_controls``): rows whose requests set their own
+``uld_alpha``/``uld_mode`` are grouped by ``(alpha, mode)`` and each group runs the code above
+with its values. ``alpha == 0`` (a request's or the engine's) returns the target's own logits,
+unfiltered: exactly what plain vLLM computes for that row.
 """
 
 from __future__ import annotations
@@ -39,49 +44,92 @@ class UldCombiner:
         frac = os.environ.get("ULD_SPARSE_HEAD_FRACTION")
         self.sparse_fraction = float(frac) if frac is not None else (
             0.05 if sparse_fraction is None else sparse_fraction)
-        self.stats = {"dense": 0, "sparse": 0}
+        self.stats = {"dense": 0, "sparse": 0, "target": 0, "per_request": 0}
 
-    def __call__(self, logits_processor, lm_head, h_t: torch.Tensor,
-                 h_a: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, logits_processor, lm_head, h_t: torch.Tensor, h_a: torch.Tensor,
+                 rows: dict[int, tuple[float | None, str | None]] | None = None
+                 ) -> torch.Tensor | None:
+        """ULD logits of ``n`` rows; ``rows`` maps a row index to its request's own
+        ``(alpha, mode)`` (``None`` entries: the engine's setting)."""
+        groups = self._groups(h_t.shape[0], rows)
+        if len(groups) == 1:
+            (alpha, mode), _ = groups.popitem()
+            return self._combine(logits_processor, lm_head, h_t, h_a, alpha, mode)
+        # rows that differ only in alpha/mode share every path below; running each group
+        # through the same scalar code keeps each row exactly what its own engine computes
+        out = None
+        for (alpha, mode), idx in groups.items():
+            ix = torch.tensor(idx, device=h_t.device)
+            part = self._combine(logits_processor, lm_head, h_t.index_select(0, ix),
+                                 h_a.index_select(0, ix), alpha, mode)
+            if part is None:  # a rank that does not sample
+                return None
+            if out is None:
+                out = torch.empty((h_t.shape[0], part.shape[1]), dtype=torch.float32,
+                                  device=part.device)
+            out[ix] = part.float()
+        self.stats["per_request"] += 1
+        return out
+
+    def _groups(self, n: int, rows) -> dict[tuple[float, str], list[int]]:
+        default = (float(self.alpha), self.mode)
+        if not rows:
+            return {default: list(range(n))}
+        groups: dict[tuple[float, str], list[int]] = {}
+        for i in range(n):
+            alpha, mode = rows.get(i, (None, None))
+            key = (default[0] if alpha is None else float(alpha),
+                   default[1] if mode is None else mode)
+            groups.setdefault(key, []).append(i)
+        return groups
+
+    def _combine(self, logits_processor, lm_head, h_t: torch.Tensor, h_a: torch.Tensor,
+                 alpha: float, mode: str) -> torch.Tensor | None:
+        if alpha == 0.0:
+            # alpha 0 serves the target's own distribution: no assistant and no filter, the
+            # logits plain vLLM computes for these rows
+            self.stats["target"] += 1
+            return logits_processor(lm_head, h_t)
         # the sparse paths are torch code with host syncs (nonzero, .all()): CPU only; on CUDA
         # the fused kernel filters and combines the dense logits in one pass instead
         if (self.backend == "torch" and self.filter_ratio > 0
                 and _plain_head(logits_processor, lm_head)):
             l_t = logits_processor(lm_head, h_t).float()
             if self.sparse_fraction > 0:
-                out = self._top_k_rows(l_t, lm_head.weight, h_a)
+                out = self._top_k_rows(l_t, lm_head.weight, h_a, alpha, mode)
                 if out is not None:
                     self.stats["sparse"] += 1
                     return out
             keep = plausibility_mask(l_t, self.filter_ratio)
-            if self.alpha == 0.0:
-                self.stats["sparse"] += 1
-                return self._finish(l_t, None, keep)
             # cost model: dense = one GEMM over n rows x V; sparse = one gathered head row
             # per kept token, ~10x the cost of a GEMM row-dot on CPU (memory vs compute)
             if int(keep.sum()) <= self.sparse_fraction * keep.numel():
                 self.stats["sparse"] += 1
-                return self._finish(l_t, _kept_logits(lm_head.weight, h_a, keep), keep)
+                return self._finish(l_t, _kept_logits(lm_head.weight, h_a, keep), keep,
+                                    alpha, mode)
             l_a = logits_processor(lm_head, h_a).float()
             self.stats["dense"] += 1
-            alpha_col = torch.full((l_t.shape[0], 1), float(self.alpha), device=l_t.device)
-            return combine_with_mask(l_t, l_a, keep, alpha_col, self.mode)  # mask reused
+            alpha_col = torch.full((l_t.shape[0], 1), float(alpha), device=l_t.device)
+            return combine_with_mask(l_t, l_a, keep, alpha_col, mode)  # mask reused
         n = h_t.shape[0]
         logits = logits_processor(lm_head, torch.cat([h_t, h_a]))
         if logits is None:  # a rank that does not sample
             return None
         self.stats["dense"] += 1
-        return _dense_uld(self.backend, logits[:n], logits[n:], alpha=self.alpha,
-                          filter_ratio=self.filter_ratio, mode=self.mode)
+        return _dense_uld(self.backend, logits[:n], logits[n:], alpha=alpha,
+                          filter_ratio=self.filter_ratio, mode=mode)
 
-    def _top_k_rows(self, l_t, weight, h_a):
+    def _top_k_rows(self, l_t, weight, h_a, alpha=None, mode=None):
         """Fast path for confident rows: when every row's kept set is exactly its top-k.
 
         That holds when the k-th largest logit is below ``max + ln r`` (the top-k floor
         decides) and nothing ties with it; then ``topk`` already gives the kept tokens in a
         dense ``[n, k]`` layout, and the assistant's logits for them are one gather + bmm.
         Returns None when some row does not qualify (the general path then runs).
+        ``alpha``/``mode``: this call's values (default: the engine's).
         """
+        alpha = self.alpha if alpha is None else alpha
+        mode = self.mode if mode is None else mode
         n, V = l_t.shape
         k = max(1, math.floor(self.filter_ratio * V))
         if k > self.sparse_fraction * V:
@@ -92,17 +140,19 @@ class UldCombiner:
             return None
         if not bool(((l_t >= kth).sum(dim=-1) == k).all()):  # ties at the k-th place
             return None
-        if self.alpha != 0.0:
+        if alpha != 0.0:
             rows = weight.index_select(0, idx.reshape(-1)).view(n, k, -1)
-            vals = vals - self.alpha * torch.bmm(rows.float(), h_a.float().unsqueeze(-1))[..., 0]
-        out = torch.full_like(l_t, float("-inf")) if self.mode == "generate" else l_t.clone()
+            vals = vals - alpha * torch.bmm(rows.float(), h_a.float().unsqueeze(-1))[..., 0]
+        out = torch.full_like(l_t, float("-inf")) if mode == "generate" else l_t.clone()
         return out.scatter_(1, idx, vals)
 
-    def _finish(self, l_t, kept_a, keep):
+    def _finish(self, l_t, kept_a, keep, alpha=None, mode=None):
         """generate: l - alpha*a on kept, -inf elsewhere; score: target logit elsewhere."""
+        alpha = self.alpha if alpha is None else alpha
+        mode = self.mode if mode is None else mode
         rows, cols = keep.nonzero(as_tuple=True)
-        vals = l_t[rows, cols] if kept_a is None else l_t[rows, cols] - self.alpha * kept_a
-        out = torch.full_like(l_t, float("-inf")) if self.mode == "generate" else l_t.clone()
+        vals = l_t[rows, cols] if kept_a is None else l_t[rows, cols] - alpha * kept_a
+        out = torch.full_like(l_t, float("-inf")) if mode == "generate" else l_t.clone()
         out[rows, cols] = vals
         return out
 

@@ -97,6 +97,47 @@ class UldAssistantLayer(nn.Module):
         return down, res
 
 
+def _compiled(cls):
+    from vllm.compilation.decorators import support_torch_compile
+
+    # dimension 0 (tokens) varies between steps, as in vLLM's own decoder models; the
+    # stacked [target; assistant] rows (2T) derive from it inside the graph
+    return support_torch_compile(dynamic_arg_dims={
+        "input_ids": {0: "b"}, "positions": {0: "b"}, "inputs_embeds": {0: "b"}})(cls)
+
+
+@_compiled
+class UldForward(nn.Module):
+    """The whole ULD forward (stacked assistant layers, the rest of the target, final norm).
+
+    A module of its own under ``support_torch_compile``: the ``*ForCausalLM`` forward that
+    runs it is not compiled by vLLM (only its inner ``*Model`` is, and ULD does not call that
+    one's forward), so without this ``enforce_eager=False`` would compile nothing of the ULD
+    path. With compilation on, vLLM's backend splits this graph at the attention ops
+    (piecewise), so CUDA graphs can capture the pieces on GPU. The owner is kept in a tuple so
+    its modules stay registered once, under their own names."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", owner=None):
+        super().__init__()
+        self._owner = (owner,)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        owner = self._owner[0]
+        m = owner.model
+        h = inputs_embeds if inputs_embeds is not None else m.embed_input_ids(input_ids)
+        T = h.shape[0]
+        hs, res = torch.cat([h, h]), None
+        positions2 = torch.cat([positions, positions])
+        for layer in owner.uld_layers.values():
+            hs, res = layer(positions2, hs, res, T)
+        h_t, r_t = hs[:T], res[:T]
+        for layer in m.layers[owner.uld_num_layers:]:
+            h_t, r_t = layer(positions, h_t, r_t)
+        normed, _ = m.norm(torch.cat([h_t, hs[T:]]), torch.cat([r_t, res[T:]]))
+        return torch.cat([normed[:T], normed[T:]], dim=-1)
+
+
 class UldCausalLMMixin:
     """Turns a vLLM ``*ForCausalLM`` (Llama family, Qwen2) into its ULD variant."""
 
@@ -105,11 +146,22 @@ class UldCausalLMMixin:
         from vllm.model_executor.models.utils import maybe_prefix
 
         from uld_vllm.adapter import load_adapter
+        from uld_vllm.engine.request_controls import FQCN, controls_for
+        from uld_vllm.engine.settings import check_vllm_config
 
         if get_pp_group().world_size > 1:
             raise UldError("ULD does not support pipeline parallelism",
                            "use tensor parallelism (--tensor-parallel-size) instead")
+        # the same refusals as the entry points', for engines built in the plain-vLLM form
+        check_vllm_config(vllm_config)
         self.uld_settings = UldSettings.from_vllm_config(vllm_config)
+        # built by the runner before the model, from the same config (see request_controls)
+        self.uld_controls = controls_for(vllm_config)
+        if self.uld_controls is None:
+            raise UldError("a ULD engine needs its per-request logits processor, or uld_* "
+                           "request arguments would be ignored",
+                           f"pass logits_processors=[{FQCN!r}] (uld_vllm.LLM and "
+                           "--uld-adapter add it)")
         adapter = load_adapter(self.uld_settings.adapter)
         config = vllm_config.model_config.hf_config
         adapter.check_base(config, vllm_config.model_config.model)
@@ -125,38 +177,39 @@ class UldCausalLMMixin:
             for i in range(k)
         })
         self.uld_combiner = UldCombiner(self.uld_settings)
+        # a tuple, like the owner inside it: no second registration of any module
+        self._uld_forward = (UldForward(vllm_config=vllm_config, prefix=base, owner=self),)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:
-        m = self.model
-        h = inputs_embeds if inputs_embeds is not None else m.embed_input_ids(input_ids)
-        T = h.shape[0]
-        hs, res = torch.cat([h, h]), None
-        positions2 = torch.cat([positions, positions])
-        for layer in self.uld_layers.values():
-            hs, res = layer(positions2, hs, res, T)
-        h_t, r_t = hs[:T], res[:T]
-        for layer in m.layers[self.uld_num_layers:]:
-            h_t, r_t = layer(positions, h_t, r_t)
-        normed, _ = m.norm(torch.cat([h_t, hs[T:]]), torch.cat([r_t, res[T:]]))
-        return torch.cat([normed[:T], normed[T:]], dim=-1)
+        return self._uld_forward[0](input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         h = hidden_states.shape[1] // 2
+        # per-request (alpha, mode) for the sampled rows; None for prompt log-probs and
+        # warm-up calls, which use the engine's settings
+        rows = self.uld_controls.take(hidden_states.shape[0])
         return self.uld_combiner(self.logits_processor, self.lm_head,
                                  hidden_states[:, :h].contiguous(),
-                                 hidden_states[:, h:].contiguous())
+                                 hidden_states[:, h:].contiguous(), rows)
 
-    # vLLM's vocab-sharded sampling and local argmax see one logits shard at a time; ULD's
-    # filter needs the whole row, so those paths must not be taken (hasattr() -> False).
+    # vLLM's vocabulary-sharded logits paths see one logits shard per rank (batch-sharded
+    # sampling's compute_logits_local, the drafters' get_top_tokens); ULD's filter needs the
+    # whole row, so a filter applied to one shard would be silently wrong. vLLM probes for
+    # them with hasattr(), which an AttributeError answers False; every such probe in the
+    # installed vLLM is listed in tests/test_guardrails.py, so a new one fails the tests.
+    SHARDED_LOGITS_PATHS = ("compute_logits_local", "get_top_tokens")
+
     @property
     def compute_logits_local(self):
-        raise AttributeError("ULD needs full-vocabulary logits")
+        raise AttributeError("compute_logits_local: ULD needs full-vocabulary logits rows, so "
+                             "vocabulary-sharded sampling is refused")
 
     @property
     def get_top_tokens(self):
-        raise AttributeError("ULD needs full-vocabulary logits")
+        raise AttributeError("get_top_tokens: ULD needs full-vocabulary logits rows, so "
+                             "vocabulary-sharded top-token paths are refused")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)

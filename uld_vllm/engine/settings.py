@@ -14,6 +14,7 @@ line before any engine process starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ ULD_ARCHITECTURES = {
     "MistralForCausalLM": "UldMistralForCausalLM",
     "Qwen2ForCausalLM": "UldQwen2ForCausalLM",
 }
+
+
+# called by name through llm.collective_rpc (no pickled functions travel)
+WORKER_EXTENSION = "uld_vllm.engine.worker.UldWorkerExtension"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,4 +113,86 @@ def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = N
     hf["architectures"] = [ULD_ARCHITECTURES[arch]]
     extra: dict[str, Any] = dict(additional_config or {})
     extra["uld"] = {k: v for k, v in dataclasses.asdict(settings).items() if k != "backend"}
+    # vLLM keys its compile cache on the config's hash, additional_config included; the
+    # compiled ULD graph depends on the adapter's K and LoRA shapes, so an adapter rewritten
+    # in place must not reuse a graph compiled for its former self
+    extra["uld"]["adapter_hash"] = _adapter_hash(ad)
     return hf, extra
+
+
+def _adapter_hash(ad) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(ad.path).glob("*.json")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    st = Path(ad.weights_file).stat()
+    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def check_engine_options(*, enable_lora=False, speculative_config=None,
+                         pipeline_parallel_size=1, enable_batch_sharded_sampling=None) -> None:
+    """Refuse, with one line, the vLLM features the ULD model cannot serve correctly."""
+    if enable_lora:
+        raise UldError("--enable-lora cannot be combined with --uld-adapter: vLLM's LoRA "
+                       "layers would apply its adapters to the target and the assistant "
+                       "streams alike", "serve the LoRA-merged target with --uld-adapter, or "
+                       "drop --enable-lora")
+    if speculative_config:
+        raise UldError("speculative decoding (--speculative-config) cannot be combined with "
+                       "--uld-adapter: its drafts are verified against the target's logits, "
+                       "not the ULD distribution", "drop --speculative-config")
+    if (pipeline_parallel_size or 1) > 1:
+        raise UldError("ULD does not support pipeline parallelism",
+                       "use tensor parallelism (--tensor-parallel-size) instead")
+    if enable_batch_sharded_sampling:
+        raise UldError("--enable-batch-sharded-sampling gives each rank one vocabulary shard "
+                       "of the logits; ULD's filter needs the whole row",
+                       "drop --enable-batch-sharded-sampling")
+
+
+def check_vllm_config(vllm_config) -> None:
+    """``check_engine_options`` on a built config (engines made in the plain-vLLM form)."""
+    check_engine_options(
+        enable_lora=vllm_config.lora_config is not None,
+        speculative_config=vllm_config.speculative_config,
+        pipeline_parallel_size=vllm_config.parallel_config.pipeline_parallel_size,
+        enable_batch_sharded_sampling=getattr(vllm_config.parallel_config,
+                                              "enable_batch_sharded_sampling", None))
+    if vllm_config.use_v2_model_runner:
+        raise UldError(_V2_PROBLEM, _V2_FIX)
+
+
+_V2_PROBLEM = ("ULD runs on vLLM's V1 model runner (its per-request controls are a V1 logits "
+               "processor that sees the batch before the forward); this engine chose Model "
+               "Runner V2")
+_V2_FIX = "set VLLM_USE_V2_MODEL_RUNNER=0 (uld_vllm.LLM and --uld-adapter set it when unset)"
+
+
+def use_v1_model_runner() -> None:
+    """Select the V1 model runner for the engine processes this process starts.
+
+    vLLM reads ``VLLM_USE_V2_MODEL_RUNNER`` when it builds the engine config (here and in the
+    engine-core process, which inherits the environment); left unset, vLLM picks V2 on GPUs."""
+    raw = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if raw is None or not raw.strip():
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        return
+    try:
+        v2 = bool(int(raw))
+    except ValueError:
+        v2 = raw.strip().lower() == "true"
+    if v2:
+        raise UldError(f"VLLM_USE_V2_MODEL_RUNNER={raw}: " + _V2_PROBLEM.split(";")[0],
+                       "unset VLLM_USE_V2_MODEL_RUNNER or set it to 0")
+
+
+def with_request_controls(logits_processors) -> list:
+    """``logits_processors`` plus the ULD per-request processor (once)."""
+    from uld_vllm.engine.request_controls import FQCN
+
+    procs = list(logits_processors or [])
+    if FQCN not in procs:
+        procs.append(FQCN)
+    return procs
