@@ -263,11 +263,11 @@ def test_demo_helpers():
 def test_targets_stop_training_early_and_are_recorded(setup, tmp_path, capsys):
     """Reachable targets stop training before the epoch cap (converged: true); unreachable
     ones run to the cap, warn on stderr and mark the adapter (converged: false)."""
-    common = dict(model=str(setup["target"]), num_layers=K, epochs=30, learning_rate=1e-2,
+    common = dict(model=str(setup["target"]), num_layers=K, learning_rate=1e-2,
                   batch_size=6, micro_batch_size=6, progress=False, seed=0, target_window=3,
                   **setup["files"])
     easy = run_training(make_config(output=str(tmp_path / "easy"), target_forget_loss=5.0,
-                                    target_retain_kl=5.0, **common), log=str)
+                                    target_retain_kl=5.0, epochs=30, **common), log=str)
     t = easy.config.training
     assert t["converged"] is True and t["warning"] is None and easy.config.warning is None
     assert t["forget_loss"] < 5.0 and t["retain_kl"] < 5.0
