@@ -45,11 +45,14 @@ MAX_NEW_TOKENS = 48
 # the target's own answers used as training rows are cut to this many characters (at a word):
 # their style is what matters, and every token costs a forward and a backward pass
 TRAIN_ANSWER_CHARS = 160
-# The reference recipe (K 8, LoRA r 16 / alpha 32, beta 5, AdamW, weight decay 0.01) with what
-# fits ten minutes on two cores; README "Demo" has the measurements behind each choice.
+# The reference recipe (K 8, LoRA r 16 / alpha 32, AdamW, weight decay 0.01) with what fits about
+# ten minutes on two cores: batch 8 (not 32), lr 3e-3, two balanced epochs (~160 steps). beta 10
+# (not 5): with beta 5 this recipe left L_r at 0.77 and kept 57% of the general facts the target
+# knew while the forget side had slack (topic answers 64% -> 7%); README "Two commands" has the
+# measurements.
 TRAIN = {"num_layers": 8, "epochs": 2, "learning_rate": 3e-3, "batch_size": 8,
          "micro_batch_size": 8, "max_length": 128, "target_forget_loss": 0.5,
-         "target_retain_kl": 0.5, "seed": 0}
+         "target_retain_kl": 0.5, "retain_weight": 10.0, "seed": 0}
 ALPHA, FILTER_RATIO = 0.8, 0.01
 ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0}
 _OUTPUTS = ("forget.jsonl", "retain.jsonl", "uld_adapter", "uld_adapter.checkpoints",
