@@ -45,14 +45,15 @@ MAX_NEW_TOKENS = 48
 # the target's own answers used as training rows are cut to this many characters (at a word):
 # their style is what matters, and every token costs a forward and a backward pass
 TRAIN_ANSWER_CHARS = 160
-# The reference recipe (K 8, LoRA r 16 / alpha 32, AdamW, weight decay 0.01) with what fits about
-# ten minutes on two cores: batch 8 (not 32), lr 3e-3, two balanced epochs (~160 steps). beta 10
-# (not 5): with beta 5 this recipe left L_r at 0.77 and kept 57% of the general facts the target
-# knew while the forget side had slack (topic answers 64% -> 7%); README "Two commands" has the
-# measurements.
-TRAIN = {"num_layers": 8, "epochs": 2, "learning_rate": 3e-3, "batch_size": 8,
+# The reference recipe (K 8, LoRA r 16 / alpha 32, beta 5, AdamW, weight decay 0.01) with what
+# fits about ten minutes on two cores: batch 8 (not 32), lr 3e-3, four balanced epochs (~316
+# steps, ~1.2 s each on an idle 2-core machine). Measured (README "Two commands"): two epochs left
+# L_f at 4.9 and L_r at 0.77 (topic answers 64% -> 7%, general facts kept 57%); beta 10 instead
+# of 5 forgot less (22%) and kept no more.
+TRAIN = {"num_layers": 8, "epochs": 4, "learning_rate": 3e-3, "batch_size": 8,
          "micro_batch_size": 8, "max_length": 128, "target_forget_loss": 0.5,
-         "target_retain_kl": 0.5, "retain_weight": 10.0, "seed": 0}
+         "target_retain_kl": 0.5, "seed": 0}
+TRAIN_ROW_TOKENS = 36  # the target's answers that become training rows are cut anyway
 ALPHA, FILTER_RATIO = 0.8, 0.01
 ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0}
 _OUTPUTS = ("forget.jsonl", "retain.jsonl", "uld_adapter", "uld_adapter.checkpoints",
@@ -108,10 +109,10 @@ def load_data(data_dir: Path) -> dict[str, list[dict]]:
                      for r in full[::step][:N_TOFU_RETAIN]]}
 
 
-def _answers(llm, prompts: list[list[int]]) -> list[str]:
+def _answers(llm, prompts: list[list[int]], max_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
     return [o.outputs[0].text.strip() for o in outs]
 
@@ -217,12 +218,14 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     fmt = PromptFormatter(AutoTokenizer.from_pretrained(model))
     import vllm
 
-    ask = [r["question"] for r in data["forget"] + data["gk_train"] + data["heldout"]
-           + data["gk_eval"]]
-    ask = list(dict.fromkeys(ask))
+    train_qs = list(dict.fromkeys(r["question"] for r in data["forget"] + data["gk_train"]))
+    probe = list(dict.fromkeys(r["question"] for r in data["heldout"] + data["gk_eval"]))
+    ask = list(dict.fromkeys(train_qs + probe))
     llm = vllm.LLM(model, **ENGINE)
     try:
-        target = dict(zip(ask, _answers(llm, [fmt.encode_prompt(q) for q in ask])))
+        target = dict(zip(train_qs, _answers(llm, [fmt.encode_prompt(q) for q in train_qs],
+                                             TRAIN_ROW_TOKENS)))
+        target.update(zip(probe, _answers(llm, [fmt.encode_prompt(q) for q in probe])))
     finally:
         shutdown(llm)
     log(f"[2/4] the target answered {len(ask)} questions through plain vLLM "
@@ -251,7 +254,6 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
 
     import uld_vllm
 
-    probe = [r["question"] for r in data["heldout"] + data["gk_eval"]]
     llm = uld_vllm.LLM(model, uld_adapter=str(adapter.path), **ENGINE)
     try:
         uld = dict(zip(probe, _answers(llm, [fmt.encode_prompt(q) for q in probe])))
