@@ -201,15 +201,9 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
         data = {k: v[:limit] for k, v in data.items()}
     recipe = {**TRAIN, **(train or {})}
     model = str(fetch_model(DEMO_MODEL, log=lambda m: log(f"      {m}")))
-    work.mkdir(parents=True, exist_ok=True)
-    for name in _OUTPUTS:  # only what an earlier demo run wrote; anything else is left alone
-        p = work / name
-        if p.is_dir():
-            import shutil
+    from uld_vllm.demo_toy import clear_outputs, format_table
 
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    clear_outputs(work, _OUTPUTS)
     log(f"[1/4] target: {DEMO_MODEL} as shipped ({model}); forget topic: Harry Potter "
         f"({len(data['forget'])} training questions, {len(data['heldout'])} held-out); "
         f"general knowledge: {len(data['gk_train'])} questions to keep on the retain side, "
@@ -263,8 +257,6 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
         f"(uld-vllm engine, alpha {ALPHA}, filter ratio {FILTER_RATIO}):\n")
 
     summary = summarise(data, target, uld)
-    from uld_vllm.demo_toy import format_table
-
     rows = [(r["question"], r["answer"], target[r["question"]], uld[r["question"]])
             for r in _pick(data["heldout"], show) + _pick(data["gk_eval"], show)]
     table = format_table(rows, head=("question", "reference answer", "target", "ULD"))

@@ -231,13 +231,7 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     work = Path(workdir)
     if work.exists() and not work.is_dir():
         raise UldError(f"demo workdir {work} is a file", "pass a folder with --workdir")
-    work.mkdir(parents=True, exist_ok=True)
-    for name in _OUTPUTS:  # only what an earlier demo run wrote; anything else is left alone
-        p = work / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    clear_outputs(work, _OUTPUTS)
     data_dir = Path(data_dir) if data_dir is not None else SHARED_DATA
     authors = tofu_authors(data_dir)
     csvs: dict = {}
@@ -330,6 +324,18 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     results["seconds_per_epoch"] = train_log["seconds_per_epoch"]
     log(f"{results['verdict']} (demo wall time {results['wall_s']:.0f} s)")
     return results
+
+
+def clear_outputs(work: Path, names) -> None:
+    """Create ``work`` and remove only what an earlier demo run wrote there (``names``);
+    anything else in the folder is left alone."""
+    work.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        p = work / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def _last_epoch_means(train_log: dict) -> dict:
