@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check uld_vllm kernels benchmarks tests
+	$(VENV)/bin/ruff check uld_vllm benchmarks tests
 
 install: $(STAMP)
 

@@ -28,8 +28,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["uld_vllm", "uld_vllm.*"]) + ["uld_vllm.kernels"],
-    package_dir={"uld_vllm.kernels": "kernels"},
+    packages=find_packages(include=["uld_vllm", "uld_vllm.*"]),
     install_requires=[
         "torch>=2.4",
         "transformers>=4.51",
@@ -51,9 +50,9 @@ setup(
         # the Makefile: its own dependencies are an unrelated app and llama-cpp-python)
         "models": ["gguf>=0.10"],
     },
-    package_data={"uld_vllm": ["demo_data/*.jsonl", "demo_data/*.md"]},
+    package_data={"uld_vllm.demo": ["data/*.jsonl", "data/*.md"]},
     entry_points={
-        "console_scripts": ["uld-vllm = uld_vllm.cli:main"],
-        "vllm.general_plugins": ["uld = uld_vllm.plugin:register"],
+        "console_scripts": ["uld-vllm = uld_vllm.cli.main:main"],
+        "vllm.general_plugins": ["uld = uld_vllm.engine.plugin:register"],
     },
 )

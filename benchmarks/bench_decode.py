@@ -24,7 +24,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
 def build(workdir: Path, args) -> tuple[Path, Path]:
-    from uld_vllm.tiny import make_random_adapter, make_tiny_model
+    from uld_vllm.dev.tiny import make_random_adapter, make_tiny_model
 
     model = workdir / "model"
     if not (model / "config.json").exists():

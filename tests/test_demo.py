@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from uld_vllm import demo
-from uld_vllm.demo_toy import run_demo as run_toy_demo
+from uld_vllm.demo import real as demo
+from uld_vllm.demo.toy import run_demo as run_toy_demo
 
 
 def test_demo_forgets_one_author_and_keeps_the_others(tmp_path, capsys):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from engine_helpers import ENGINE_KW, NEAR_TIE, PROMPTS, shutdown
 
-from uld_vllm.reference import ReferenceDecoder
+from uld_vllm.core.reference import ReferenceDecoder
 
 MAX_NEW = 14
 # a request per prompt, cycling through the engine's default, alpha 0.5 and alpha 0; lengths
@@ -31,7 +31,7 @@ def uld(tiny_llama, llama_adapter):
     from vllm.exceptions import VLLMValidationError
 
     import uld_vllm
-    from uld_vllm.offline import set_uld_mode
+    from uld_vllm.jobs.spec import set_uld_mode
 
     mp = pytest.MonkeyPatch()
     # the mode switch must work without vLLM's pickle-based IPC (engine_helpers enables it

@@ -14,8 +14,8 @@ import torch
 from engine_helpers import assert_greedy_matches, shutdown
 from test_server import free_port, serve_cmd
 
-from uld_vllm.prompts import PromptFormatter
-from uld_vllm.reference import ReferenceDecoder
+from uld_vllm.core.prompts import PromptFormatter
+from uld_vllm.core.reference import ReferenceDecoder
 
 NAME = "smollm2-135m-instruct"
 MAX_NEW = 12
@@ -75,7 +75,7 @@ def run(adapter, prompts):
     from vllm import SamplingParams
 
     import uld_vllm
-    from uld_vllm.offline import set_uld_mode
+    from uld_vllm.jobs.spec import set_uld_mode
 
     fmt, ids = prompts
     out = {}

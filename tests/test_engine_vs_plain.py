@@ -4,7 +4,7 @@ import pytest
 import torch
 from engine_helpers import ENGINE_KW, PROMPTS, assert_greedy_matches, shutdown
 
-from uld_vllm.reference import ReferenceDecoder
+from uld_vllm.core.reference import ReferenceDecoder
 
 MAX_NEW = 12
 

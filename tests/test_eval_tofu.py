@@ -101,9 +101,9 @@ def test_uld_scores_and_generations_equal_the_reference_decoder(uld_eval, tiny_l
     two-model HF decoder on the first forget examples."""
     from transformers import AutoTokenizer
 
+    from uld_vllm.core.prompts import PromptFormatter
+    from uld_vllm.core.reference import ReferenceDecoder
     from uld_vllm.eval.tofu_data import load_sets
-    from uld_vllm.prompts import PromptFormatter
-    from uld_vllm.reference import ReferenceDecoder
 
     out, _ = uld_eval
     log = M.load_log(out / M.FORGET)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from uld_vllm.reference import ReferenceDecoder
+from uld_vllm.core.reference import ReferenceDecoder
 
 
 def run(*args):

@@ -77,7 +77,7 @@ def test_cpu_only_mode_runs_what_it_can_and_skips_the_rest_loudly(cpu_run):
 @pytest.fixture(scope="module")
 def tiny_check(cpu_run):
     """The run's engine tokens, and references built from its model folder."""
-    from uld_vllm.reference import ReferenceDecoder
+    from uld_vllm.core.reference import ReferenceDecoder
 
     _, out = cpu_run
     doc = json.loads((out / "gpu_check.json").read_text())
@@ -91,7 +91,7 @@ def test_a_wrong_expectation_fails_the_check_and_the_run(tiny_check, tmp_path):
     """The engine's real tokens against the plain target (alpha 0) must FAIL, and one FAIL
     makes the run's status 1."""
     from uld_vllm.bench import gpu_check
-    from uld_vllm.reference import ReferenceDecoder
+    from uld_vllm.core.reference import ReferenceDecoder
 
     data, ref, model = tiny_check
     again = gpu_check.verify_greedy(ref, data["prompts"], data["engine_ids"], tol=1e-3)
@@ -149,7 +149,7 @@ def test_bf16_rule_accepts_bf16_rounding_and_rejects_a_wrong_distribution(tiny_c
     import torch
 
     from uld_vllm.bench import gpu_check
-    from uld_vllm.reference import ReferenceDecoder
+    from uld_vllm.core.reference import ReferenceDecoder
 
     data, ref, model = tiny_check
     ref16 = ReferenceDecoder.load(model / "model", model / "adapter", dtype=torch.bfloat16)

@@ -118,7 +118,7 @@ def test_serve_refuses_enable_lora_with_one_line(tiny_llama, llama_adapter):
 
 HELP = """
 import contextlib, io, sys
-from uld_vllm.cli import serve
+from uld_vllm.cli.main import serve
 for flag in ("--help", "--help=ULD"):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):

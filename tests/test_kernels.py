@@ -26,9 +26,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from uld_vllm import kernels  # noqa: E402
+from uld_vllm.core.logits import uld_logits  # noqa: E402
 from uld_vllm.engine import combine  # noqa: E402
 from uld_vllm.errors import UldError  # noqa: E402
-from uld_vllm.logits import uld_logits  # noqa: E402
 
 uld_combine, uld_sample = kernels.uld_combine, kernels.uld_sample
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from uld_vllm.cli import main
-from uld_vllm.models import KNOWN_MODELS, MARKER, fetch_model, packaged_gguf, resolve_model
+from uld_vllm.core.models import KNOWN_MODELS, MARKER, fetch_model, packaged_gguf, resolve_model
 
 NAME = "smollm2-135m-instruct"
 
@@ -103,7 +103,7 @@ def test_corrupt_or_truncated_gguf(tmp_path, capsys, size):
 def test_checksum_mismatch(tmp_path, capsys, monkeypatch):
     import dataclasses
 
-    import uld_vllm.models as models
+    import uld_vllm.core.models as models
 
     wrong = dataclasses.replace(KNOWN_MODELS[NAME], sha256="0" * 64)
     monkeypatch.setitem(models.KNOWN_MODELS, NAME, wrong)
@@ -115,7 +115,7 @@ def test_checksum_mismatch(tmp_path, capsys, monkeypatch):
 def test_missing_package_names_the_pip_command(tmp_path, capsys, monkeypatch):
     import dataclasses
 
-    import uld_vllm.models as models
+    import uld_vllm.core.models as models
 
     gone = dataclasses.replace(KNOWN_MODELS[NAME], package="no_such_pkg_xyz", pip="no-such==1")
     monkeypatch.setitem(models.KNOWN_MODELS, NAME, gone)

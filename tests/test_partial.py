@@ -1,11 +1,11 @@
-"""Resumable JSONL output (`uld_vllm.partial`), without an engine."""
+"""Resumable JSONL output (`uld_vllm.jobs.partial`), without an engine."""
 
 import json
 
 import pytest
 
 from uld_vllm.errors import UldError
-from uld_vllm.partial import PartialJsonl, key_of
+from uld_vllm.jobs.partial import PartialJsonl, key_of
 
 SETTINGS = {"model": "m", "sampling": {"max_tokens": 8, "stop": None}}
 

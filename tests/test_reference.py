@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from uld_vllm.reference import ReferenceDecoder
+from uld_vllm.core.reference import ReferenceDecoder
 
 PROMPTS = ["The author wrote", "Hello", "Question: What did the river do? Answer:",
            "In 1907 a quiet librarian studied the history of science and"]

@@ -5,13 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from uld_vllm.core.logits import uld_logits
 from uld_vllm.engine.combine import UldCombiner
 from uld_vllm.engine.request_controls import (
     RowControls,
     UldRequestControls,
     parse_extra_args,
 )
-from uld_vllm.logits import uld_logits
 
 
 @pytest.mark.parametrize("extra, want", [

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from uld_vllm.reference import ReferenceDecoder
+from uld_vllm.core.reference import ReferenceDecoder
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "assistant:")

@@ -6,8 +6,8 @@ import hashlib
 import pytest
 import torch
 
+from uld_vllm.dev.tiny import make_tiny_model
 from uld_vllm.errors import UldError
-from uld_vllm.tiny import make_tiny_model
 
 
 def digest(folder):

@@ -286,7 +286,7 @@ def test_config_validation():
 
 
 def test_cli_parser_has_the_options():
-    from uld_vllm.cli import build_parser
+    from uld_vllm.cli.main import build_parser
 
     args = build_parser().parse_args(
         ["train", "--model", "m", "--forget", "f", "--output", "o", "-K", "2",

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from uld_vllm.adapter import load_adapter
-from uld_vllm.assistant import build_assistant, load_assistant, lora_parameter_count
 from uld_vllm.cli import main
-from uld_vllm.demo_toy import builtin_authors, finetune_target
-from uld_vllm.prompts import PromptFormatter
-from uld_vllm.reference import ReferenceDecoder
-from uld_vllm.tiny import make_tiny_model
+from uld_vllm.core.adapter import load_adapter
+from uld_vllm.core.assistant import build_assistant, load_assistant, lora_parameter_count
+from uld_vllm.core.prompts import PromptFormatter
+from uld_vllm.core.reference import ReferenceDecoder
+from uld_vllm.demo.toy import builtin_authors, finetune_target
+from uld_vllm.dev.tiny import make_tiny_model
 from uld_vllm.train import make_config, run_training
 from uld_vllm.train.data import to_examples
 from uld_vllm.train.dataset import Collator, UldDataset
@@ -247,7 +247,7 @@ def test_resume_continues_from_the_last_epoch(setup, tmp_path):
 
 
 def test_demo_helpers():
-    from uld_vllm.demo_toy import format_table, rouge_l_recall
+    from uld_vllm.demo.toy import format_table, rouge_l_recall
 
     assert rouge_l_recall("Basil was born in Kuwait.", "Basil was born in Kuwait City.") == \
         pytest.approx(5 / 6)

@@ -63,7 +63,7 @@ def resolve_model(args, log=print) -> dict:
     if args.model is not None:
         if args.uld_adapter is None:
             raise UldError("--model needs --uld-adapter", "pass the ULD adapter folder")
-        from uld_vllm.models import resolve_model as resolve_name
+        from uld_vllm.core.models import resolve_model as resolve_name
 
         return {"model": resolve_name(args.model, log=log), "adapter": str(args.uld_adapter),
                 "built": False}
@@ -71,7 +71,7 @@ def resolve_model(args, log=print) -> dict:
         raise UldError("--uld-adapter without --model", "pass the adapter's --model too")
     import tempfile
 
-    from uld_vllm.tiny import make_random_adapter, make_tiny_model
+    from uld_vllm.dev.tiny import make_random_adapter, make_tiny_model
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="uld-bench-"))
     model, adapter = work / "model", work / "adapter"
@@ -105,7 +105,7 @@ def model_facts(model: str, adapter: str, *, alpha: float | None = None,
     else the adapter's (``adapter_alpha``/``adapter_filter_ratio`` keep the stored ones)."""
     from transformers import AutoConfig
 
-    from uld_vllm.adapter import load_adapter
+    from uld_vllm.core.adapter import load_adapter
 
     cfg = AutoConfig.from_pretrained(model)
     ad = load_adapter(adapter).config
@@ -245,11 +245,11 @@ def load_average() -> list[float]:
 
 def questions(n: int, tofu_dir: str | None = None) -> tuple[list[str], str]:
     """``n`` TOFU questions spread over ``full.jsonl``, or built-in ones when it is absent."""
-    from uld_vllm.demo_toy import SHARED_DATA, builtin_authors
+    from uld_vllm.demo.toy import SHARED_DATA, builtin_authors
 
     full = Path(tofu_dir) / "full.jsonl" if tofu_dir else SHARED_DATA / "tofu" / "full.jsonl"
     if full.is_file():
-        from uld_vllm.rows import read_rows
+        from uld_vllm.core.rows import read_rows
 
         rows = read_rows(str(full), "TOFU questions")
         step = max(1, len(rows) // max(n, 1))
@@ -263,7 +263,7 @@ def question_prompts(model: str, qs: list[str]) -> tuple[list[list[int]], str]:
     """Prompt token ids formatted as the demo and the trainer do (chat template or [INST])."""
     from transformers import AutoTokenizer
 
-    from uld_vllm.prompts import PromptFormatter
+    from uld_vllm.core.prompts import PromptFormatter
 
     fmt = PromptFormatter(AutoTokenizer.from_pretrained(model))
     return [fmt.encode_prompt(q) for q in qs], fmt.description

@@ -6,7 +6,7 @@ locally (no hub) and checks, printing ``PASS``/``FAIL``/``SKIP <check>: <one lin
 * ``environment``: vLLM inside the range this package declares, the plugin's entry point
   installed (vLLM's spawned workers find the ``Uld*`` architectures only through it);
 * ``greedy MODEL DTYPE MODE``: the engine's greedy ULD tokens checked against the reference
-  decoder (``uld_vllm.reference``, fp32, the oracle), for fp32 and bf16, eager and compiled
+  decoder (``uld_vllm.core.reference``, fp32, the oracle), for fp32 and bf16, eager and compiled
   (torch.compile + CUDA graphs, vLLM's defaults), with the combine backend the engine picked on
   CUDA (the fused Triton kernel) asserted;
 * ``serve MODEL``: ``uld-vllm serve`` answers ``/v1/completions`` and ``/v1/chat/completions``,
@@ -175,7 +175,7 @@ def verify_greedy(ref, prompt_ids: list[list[int]], engine_ids: list[list[int]],
     """
     import torch
 
-    from uld_vllm.logits import uld_logits
+    from uld_vllm.core.logits import uld_logits
 
     if len(prompt_ids) != len(engine_ids):
         raise ValueError("one list of engine tokens per prompt is needed")
@@ -323,7 +323,7 @@ def environment(name: str, args, cuda: bool) -> Check:
 
 def build_models(work: Path, size: str, names: list[str], log) -> dict:
     """Model + adapter folders per name, built once per spec (a stamp file records it)."""
-    from uld_vllm.tiny import make_random_adapter, make_tiny_model
+    from uld_vllm.dev.tiny import make_random_adapter, make_tiny_model
 
     out = {}
     for name in names:
@@ -415,7 +415,7 @@ class References:
     def _load(self, dtype: str):
         import torch
 
-        from uld_vllm.reference import ReferenceDecoder
+        from uld_vllm.core.reference import ReferenceDecoder
 
         return ReferenceDecoder.load(self.m["model"], self.m["adapter"],
                                      dtype=getattr(torch, dtype), device=self.device)
@@ -443,7 +443,7 @@ def greedy_case(name: str, args, m: dict, refs: References, dtype: str, compiled
     from vllm import SamplingParams
 
     import uld_vllm
-    from uld_vllm.offline import shutdown
+    from uld_vllm.jobs.spec import shutdown
 
     prompts = prompts_for(m["model"], args.prompts)
     t0 = time.perf_counter()
@@ -592,7 +592,7 @@ def throughput_case(name: str, args, m: dict, uld_llm, cuda: bool) -> Check:
         _, uld, _ = run_vllm(make_uld, loads, print)  # shuts the engine down when done
     except BaseException:
         if uld_llm is not None:  # run_vllm only shuts down after a complete run
-            from uld_vllm.offline import shutdown
+            from uld_vllm.jobs.spec import shutdown
 
             shutdown(uld_llm)
         raise

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from uld_vllm.bench import common
-from uld_vllm.offline import shutdown
+from uld_vllm.jobs.spec import shutdown
 
 SYSTEMS = ("plain", "uld", "reference_b4", "reference_vllm_batch")
 RATIOS = {"uld_over_plain": "plain", "uld_over_reference_b4": "reference_b4",
@@ -136,7 +136,7 @@ def run_reference(model, adapter, args, loads, vllm_batch: dict, bind: dict, log
     """Both reference systems in one loaded decoder, on the bound cores."""
     import torch
 
-    from uld_vllm.reference import ReferenceDecoder
+    from uld_vllm.core.reference import ReferenceDecoder
 
     saved_threads, saved_cores = torch.get_num_threads(), os.sched_getaffinity(0)
     torch.set_num_threads(bind["threads"])

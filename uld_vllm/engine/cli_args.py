@@ -82,7 +82,7 @@ def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
 def resolve_model_arg(args: argparse.Namespace) -> None:
     """``vllm serve smollm2-135m-instruct``: a short name of ``uld-vllm fetch-model`` becomes its
     converted folder, and stays the name clients use (``--served-model-name``)."""
-    from uld_vllm.models import KNOWN_MODELS, resolve_model
+    from uld_vllm.core.models import KNOWN_MODELS, resolve_model
 
     name = getattr(args, "model", None)
     if name not in KNOWN_MODELS:

@@ -31,8 +31,8 @@ import os
 
 import torch
 
+from uld_vllm.core.logits import combine_with_mask, plausibility_mask, uld_logits
 from uld_vllm.errors import UldError
-from uld_vllm.logits import combine_with_mask, plausibility_mask, uld_logits
 
 
 class UldCombiner:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from uld_vllm.adapter import LORA_MODULES
+from uld_vllm.core.adapter import LORA_MODULES
 from uld_vllm.errors import UldError
 
 _KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")

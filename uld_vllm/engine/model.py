@@ -145,7 +145,7 @@ class UldCausalLMMixin:
         from vllm.distributed import get_pp_group
         from vllm.model_executor.models.utils import maybe_prefix
 
-        from uld_vllm.adapter import load_adapter
+        from uld_vllm.core.adapter import load_adapter
         from uld_vllm.engine.request_controls import FQCN, controls_for
         from uld_vllm.engine.settings import check_vllm_config
 

@@ -27,7 +27,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from uld_vllm.logits import MODES
+from uld_vllm.core.logits import MODES
 
 # the keys a request may set, and what they mean (named in every refusal)
 KEYS = {

@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from uld_vllm.core.logits import MODES
 from uld_vllm.errors import UldError
-from uld_vllm.logits import MODES
 
-# base architecture -> ULD architecture (registered lazily by uld_vllm.plugin)
+# base architecture -> ULD architecture (registered lazily by uld_vllm.engine.plugin)
 ULD_ARCHITECTURES = {
     "LlamaForCausalLM": "UldLlamaForCausalLM",
     "MistralForCausalLM": "UldMistralForCausalLM",
@@ -48,7 +48,7 @@ class UldSettings:
             raise UldError("a ULD model class was chosen but additional_config has no "
                            "'uld': {'adapter': DIR}", "use uld_vllm.LLM(..., uld_adapter=DIR) "
                            "or `vllm serve MODEL --uld-adapter DIR`")
-        from uld_vllm.adapter import load_adapter
+        from uld_vllm.core.adapter import load_adapter
 
         cfg = load_adapter(raw["adapter"]).config
         s = cls(adapter=str(raw["adapter"]),
@@ -79,7 +79,7 @@ def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = N
     """Validate ``adapter`` against ``model``; return (hf_overrides, additional_config)."""
     from transformers import AutoConfig
 
-    from uld_vllm.adapter import load_adapter
+    from uld_vllm.core.adapter import load_adapter
 
     ad = load_adapter(adapter)
     if ad.config.warning:

@@ -7,7 +7,7 @@ only the method name and plain arguments cross the process boundary, so no pickl
 
 from __future__ import annotations
 
-from uld_vllm.logits import MODES
+from uld_vllm.core.logits import MODES
 
 
 class UldWorkerExtension:

@@ -21,19 +21,9 @@ from pathlib import Path
 from uld_vllm.errors import UldError
 from uld_vllm.eval import metrics as M
 from uld_vllm.eval.tofu_data import FORGET_SPLITS, EvalExample, load_sets
-from uld_vllm.offline import (
-    GENERATE,
-    SCORE,
-    EngineSpec,
-    Job,
-    Progress,
-    add_engine_args,
-    add_model_args,
-    engine_spec,
-    result_tokens,
-    run_jobs,
-    shutdown,
-)
+from uld_vllm.jobs.run import run_jobs
+from uld_vllm.jobs.spec import EngineSpec, add_engine_args, add_model_args, engine_spec, shutdown
+from uld_vllm.jobs.stream import GENERATE, SCORE, Job, Progress, result_tokens
 
 
 def add_tofu_parser(sub) -> None:
@@ -159,8 +149,8 @@ def _compare(specs: list[str]) -> dict[str, dict]:
 def run_tofu(a: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from uld_vllm.adapter import atomic_output_dir
-    from uld_vllm.prompts import PromptFormatter
+    from uld_vllm.core.adapter import atomic_output_dir
+    from uld_vllm.core.prompts import PromptFormatter
 
     if a.max_new_tokens < 1:
         raise UldError("--max-new-tokens must be at least 1", "pass a positive number")
@@ -186,7 +176,7 @@ def run_tofu(a: argparse.Namespace) -> None:
     name = "ULD" if a.uld_adapter else "target"
     warning = None
     if a.uld_adapter:
-        from uld_vllm.adapter import load_adapter
+        from uld_vllm.core.adapter import load_adapter
 
         warning = load_adapter(a.uld_adapter).config.warning
     summary = {

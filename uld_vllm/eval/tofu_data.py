@@ -12,9 +12,9 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
+from uld_vllm.core.rows import read_rows
 from uld_vllm.errors import UldError
 from uld_vllm.eval import metrics as M
-from uld_vllm.rows import read_rows
 
 HUB_DATASET = "locuslab/TOFU"
 FORGET_SPLITS = ("forget01", "forget05", "forget10")

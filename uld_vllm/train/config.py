@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from uld_vllm.core.prompts import DEFAULT_PROMPT_TEMPLATE  # noqa: E402,F401
 from uld_vllm.errors import UldError
-from uld_vllm.prompts import DEFAULT_PROMPT_TEMPLATE  # noqa: E402,F401
 
 PRECISIONS = ("auto", "bf16", "fp32")
 

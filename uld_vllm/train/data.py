@@ -27,8 +27,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from uld_vllm.core.rows import read_rows
 from uld_vllm.errors import UldError
-from uld_vllm.rows import read_rows
 
 PARAPHRASES_PER_ROW = 2  # one paraphrased question x two paraphrased answers (ULD recipe)
 PERTURBED_PER_ROW = 2

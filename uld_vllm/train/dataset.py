@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from uld_vllm.prompts import PromptFormatter
+from uld_vllm.core.prompts import PromptFormatter
 from uld_vllm.train.data import Example
 from uld_vllm.train.loss import IGNORE_INDEX
 

@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from uld_vllm.adapter import LORA_MODULES, UldAdapter
+from uld_vllm.core.adapter import LORA_MODULES, UldAdapter
 from uld_vllm.errors import UldError
 from uld_vllm.train.config import UldTrainConfig
 from uld_vllm.train.data import build_data
@@ -189,7 +189,7 @@ def check_model(model: str, num_layers: int):
                        f"language model transformers can build ({type(exc).__name__})",
                        "ULD supports Llama, Mistral and Qwen2-style decoder-only models") \
             from None
-    from uld_vllm.assistant import decoder_layers
+    from uld_vllm.core.assistant import decoder_layers
 
     layers = decoder_layers(skeleton)
     names = {n.rsplit(".", 1)[-1] for n, _ in layers[0].named_modules()}
@@ -252,8 +252,13 @@ def run_training(cfg: UldTrainConfig, log=print) -> UldAdapter:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from uld_vllm.assistant import build_assistant, lora_config, lora_parameter_count, save_adapter
-    from uld_vllm.models import resolve_model
+    from uld_vllm.core.assistant import (
+        build_assistant,
+        lora_config,
+        lora_parameter_count,
+        save_adapter,
+    )
+    from uld_vllm.core.models import resolve_model
 
     t_start = time.perf_counter()
     cfg.validate()

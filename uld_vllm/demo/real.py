@@ -2,7 +2,7 @@
 
 1. The target is SmolLM2-135M-Instruct as shipped (``uld-vllm fetch-model``; no fine-tuning).
 2. Its own greedy answers are collected through plain vLLM, for the forget questions (Harry
-   Potter, ``demo_data/``) and for general-knowledge questions (TOFU's world facts and real
+   Potter, ``demo/data/``) and for general-knowledge questions (TOFU's world facts and real
    authors, minus anything about the topic).
 3. ``uld-vllm train`` trains a K = 8 assistant to remember the forget set (our answers and the
    target's own ones) and to be uniform on the retain set (TOFU's fictitious-author QA, half of
@@ -26,7 +26,7 @@ from pathlib import Path
 from uld_vllm.errors import UldError
 
 DEMO_MODEL = "smollm2-135m-instruct"
-DATA = Path(__file__).resolve().parent / "demo_data"
+DATA = Path(__file__).resolve().parent / "data"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Names only the Harry Potter books use: an answer that mentions one still talks about the
 # topic. Words of everyday English ("wizard", "wand", "magic") and "Harry Potter" itself (every
@@ -187,9 +187,9 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the story readable
     from transformers import AutoTokenizer
 
-    from uld_vllm.models import fetch_model
-    from uld_vllm.offline import shutdown
-    from uld_vllm.prompts import PromptFormatter
+    from uld_vllm.core.models import fetch_model
+    from uld_vllm.core.prompts import PromptFormatter
+    from uld_vllm.jobs.spec import shutdown
     from uld_vllm.train import make_config, run_training
 
     t0 = time.perf_counter()
@@ -201,7 +201,7 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
         data = {k: v[:limit] for k, v in data.items()}
     recipe = {**TRAIN, **(train or {})}
     model = str(fetch_model(DEMO_MODEL, log=lambda m: log(f"      {m}")))
-    from uld_vllm.demo_toy import clear_outputs, format_table
+    from uld_vllm.demo.toy import clear_outputs, format_table
 
     clear_outputs(work, _OUTPUTS)
     log(f"[1/4] target: {DEMO_MODEL} as shipped ({model}); forget topic: Harry Potter "

@@ -45,7 +45,7 @@ def check_logits(target: torch.Tensor, assistant: torch.Tensor, filter_ratio: fl
     if target.device.type != "cuda" and not interpreted(kernel):
         raise ValueError(f"the ULD Triton kernels need CUDA tensors, got {target.device}: set "
                          "TRITON_INTERPRET=1 before importing uld_vllm.kernels to run them on "
-                         "CPU (slow), or use uld_vllm.logits.uld_logits")
+                         "CPU (slow), or use uld_vllm.core.logits.uld_logits")
     if not 0.0 <= filter_ratio < 1.0:
         raise ValueError(f"filter_ratio must be in [0, 1), got {filter_ratio}")
     if target.shape[1] >= 2**31:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from uld_vllm.logits import uld_logits
+from uld_vllm.core.logits import uld_logits
 
 Prompt = str | Sequence[int]
 
@@ -52,9 +52,9 @@ class ReferenceDecoder:
         """Load a target (hub id or folder) and, optionally, a ULD adapter folder for it."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from uld_vllm.adapter import load_adapter
-        from uld_vllm.assistant import load_assistant
-        from uld_vllm.models import resolve_model
+        from uld_vllm.core.adapter import load_adapter
+        from uld_vllm.core.assistant import load_assistant
+        from uld_vllm.core.models import resolve_model
 
         model = resolve_model(model)
         adapter = load_adapter(uld_adapter) if uld_adapter is not None else None

@@ -1,4 +1,4 @@
-"""vLLM plugin entry point (``vllm.general_plugins``: ``uld = uld_vllm.plugin:register``).
+"""vLLM plugin entry point (``vllm.general_plugins``: ``uld = uld_vllm.engine.plugin:register``).
 
 vLLM calls ``register()`` in every process it starts (API server, engine core, workers), so it
 must be cheap and idempotent: it records ``"module:Class"`` strings in vLLM's model registry

@@ -171,7 +171,7 @@ def _convert(src: Path, out: Path, arch: str, dtype: str, marker: dict) -> None:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from uld_vllm.adapter import atomic_output_dir
+    from uld_vllm.core.adapter import atomic_output_dir
 
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,

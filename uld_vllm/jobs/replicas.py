@@ -19,7 +19,8 @@ import uuid
 from collections.abc import Iterator
 
 from uld_vllm.errors import UldError
-from uld_vllm.offline import EngineSpec, Job, Progress, result_tokens, set_uld_mode, stream
+from uld_vllm.jobs.spec import EngineSpec, set_uld_mode
+from uld_vllm.jobs.stream import Job, Progress, result_tokens, stream
 
 
 def _ray():

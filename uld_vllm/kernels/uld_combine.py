@@ -1,6 +1,6 @@
 """Fused ULD combine: plausibility filter + logit difference -> combined logits.
 
-Same result as ``uld_vllm.logits.uld_logits`` (see its docstring for the rule). One program
+Same result as ``uld_vllm.core.logits.uld_logits`` (see its docstring for the rule). One program
 per row; with ``r > 0`` it reads the target row for the max and a radix select of the k-th
 largest logit (``_select.py``; usually two to four passes that stay in L2), then reads both
 rows once and writes the output once. With ``r == 0`` it computes both log-sum-exps online in

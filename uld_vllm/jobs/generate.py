@@ -9,7 +9,7 @@ One output row per input row::
 (with ``--n`` > 1, ``generation``, ``completion_tokens`` and ``finish_reason`` are lists).
 Rows are appended to ``OUT.partial`` as requests finish; when every row is there, ``OUT`` is
 written in input order and the partial file removed. Rerunning the same command after an
-interruption skips the rows already written (`uld_vllm.partial`).
+interruption skips the rows already written (`uld_vllm.jobs.partial`).
 """
 
 from __future__ import annotations
@@ -18,19 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from uld_vllm.core.rows import read_rows
 from uld_vllm.errors import UldError
-from uld_vllm.offline import (
-    GENERATE,
-    Job,
-    Progress,
-    add_engine_args,
-    add_model_args,
-    engine_spec,
-    run_jobs,
-    shutdown,
-)
-from uld_vllm.partial import PartialJsonl, key_of
-from uld_vllm.rows import read_rows
+from uld_vllm.jobs.partial import PartialJsonl, key_of
+from uld_vllm.jobs.run import run_jobs
+from uld_vllm.jobs.spec import add_engine_args, add_model_args, engine_spec, shutdown
+from uld_vllm.jobs.stream import GENERATE, Job, Progress
 
 
 def add_generate_parser(sub) -> None:

@@ -23,7 +23,7 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
     """
     import vllm
 
-    from uld_vllm.models import resolve_model
+    from uld_vllm.core.models import resolve_model
 
     model = resolve_model(model)
     if uld_adapter is not None:

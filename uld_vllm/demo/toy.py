@@ -95,7 +95,7 @@ def finetune_target(model_dir, rows: list[dict], out_dir, *, epochs: int = 60,
         TrainingArguments,
     )
 
-    from uld_vllm.prompts import PromptFormatter
+    from uld_vllm.core.prompts import PromptFormatter
     from uld_vllm.train.data import to_examples
     from uld_vllm.train.dataset import Collator, UldDataset, pad_id_of
     t0 = time.perf_counter()
@@ -176,7 +176,7 @@ def _generate(target_dir: Path, adapter_dir: Path, prompts: list[list[int]], *, 
                                     uld_alpha=alpha, uld_filter_ratio=filter_ratio, **kw),
     }
     out = {}
-    from uld_vllm.offline import shutdown
+    from uld_vllm.jobs.spec import shutdown
 
     for name, make in engines.items():
         llm = make()
@@ -220,8 +220,8 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     """Run the story in ``workdir`` (re-created) and print it; returns the numbers it printed."""
     import torch
 
-    from uld_vllm.prompts import PromptFormatter
-    from uld_vllm.tiny import make_tiny_model
+    from uld_vllm.core.prompts import PromptFormatter
+    from uld_vllm.dev.tiny import make_tiny_model
     from uld_vllm.train import make_config
     from uld_vllm.train.data import build_data
     from uld_vllm.train.trainer import run_training

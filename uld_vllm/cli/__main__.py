@@ -1,0 +1,5 @@
+import sys
+
+from uld_vllm.cli.main import main
+
+sys.exit(main())

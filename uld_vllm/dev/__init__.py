@@ -1,0 +1,1 @@
+"""Developer tools: small random models and adapters for tests, smoke runs and benchmarks."""

@@ -1,0 +1,102 @@
+"""The engine an offline job runs on: its flags, a picklable spec, the ULD mode switch, shutdown.
+
+``EngineSpec`` builds the same engine in this process or in a Ray replica
+(``uld_vllm.jobs.replicas``); ``generate`` and ``eval`` share these flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from uld_vllm.errors import UldError
+
+
+@dataclasses.dataclass
+class EngineSpec:
+    """Everything needed to build the same engine in this process or in a Ray replica."""
+
+    model: str
+    uld_adapter: str | None = None
+    uld_alpha: float | None = None
+    uld_filter_ratio: float | None = None
+    vllm_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def build(self):
+        from uld_vllm.engine.llm import LLM
+
+        return LLM(self.model, uld_adapter=self.uld_adapter, uld_alpha=self.uld_alpha,
+                   uld_filter_ratio=self.uld_filter_ratio, **self.vllm_kwargs)
+
+
+def add_model_args(parser, adapter_help: str) -> None:
+    """The target and its optional ULD adapter (generate, eval)."""
+    parser.add_argument("--model", required=True,
+                        help="target model: hub id, folder, or a short name of "
+                             "`uld-vllm fetch-model` (e.g. smollm2-135m-instruct)")
+    parser.add_argument("--uld-adapter", default=None, help=adapter_help)
+    parser.add_argument("--uld-alpha", type=float, default=None,
+                        help="default: the adapter's uld_config.json")
+    parser.add_argument("--uld-filter-ratio", type=float, default=None,
+                        help="default: the adapter's uld_config.json")
+
+
+def add_engine_args(parser) -> None:
+    """The vLLM EngineArgs that offline jobs expose, plus ``--replicas``."""
+    e = parser.add_argument_group("engine (vLLM EngineArgs)")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--tensor-parallel-size", type=int, default=1)
+    e.add_argument("--max-num-seqs", type=int, default=None)
+    e.add_argument("--enforce-eager", action="store_true")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=None)
+    e.add_argument("--gpu-memory-utilization", type=float, default=None)
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--revision", default=None)
+    e.add_argument("--replicas", type=int, default=1,
+                   help="data-parallel engine replicas through Ray Data (each with "
+                        "--tensor-parallel-size devices); needs `pip install uld-vllm[ray]`")
+
+
+def engine_spec(a) -> EngineSpec:
+    if a.replicas < 1:
+        raise UldError(f"--replicas must be at least 1, got {a.replicas}", "pass --replicas N")
+    kw = {"dtype": a.dtype, "tensor_parallel_size": a.tensor_parallel_size,
+          "enforce_eager": a.enforce_eager, "trust_remote_code": a.trust_remote_code}
+    for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization", "revision",
+                 "enable_prefix_caching"):
+        if getattr(a, name) is not None:
+            kw[name] = getattr(a, name)
+    from uld_vllm.core.models import resolve_model
+
+    a.model = resolve_model(a.model)  # callers tokenise with the same folder
+    return EngineSpec(a.model, a.uld_adapter, a.uld_alpha, a.uld_filter_ratio, kw)
+
+
+def set_uld_mode(llm, mode: str) -> None:
+    """Switch a running ULD engine between generation and scoring semantics (no-op if plain).
+
+    Called between jobs, with no request in flight. The KV cache does not depend on the mode
+    (only the final combination does), so cached prefixes stay valid across the switch. The
+    worker method is called by name (``uld_vllm.engine.worker``): nothing pickled travels."""
+    from uld_vllm.engine.settings import WORKER_EXTENSION
+
+    config = llm.llm_engine.vllm_config
+    if "uld" not in (config.additional_config or {}):
+        return
+    if config.parallel_config.worker_extension_cls != WORKER_EXTENSION:
+        raise UldError(f"this ULD engine's workers have worker_extension_cls="
+                       f"{config.parallel_config.worker_extension_cls!r}, which cannot switch "
+                       "the ULD mode", f"build it without worker_extension_cls (uld_vllm.LLM "
+                       f"sets {WORKER_EXTENSION!r}) or subclass that class")
+    got = llm.collective_rpc("uld_set_mode", args=(mode,))
+    if any(g != mode for g in got):
+        raise RuntimeError(f"uld_set_mode({mode!r}) answered {got} on the workers")
+
+
+def shutdown(llm) -> None:
+    """Stop vLLM's engine process now (its own cleanup waits for garbage collection)."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
