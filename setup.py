@@ -31,7 +31,8 @@ setup(
     packages=find_packages(include=["uld_vllm", "uld_vllm.*"]),
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.51",
+        # 5.0: warmup_steps below 1 is a fraction of the steps (the config's default, 0.1)
+        "transformers>=5.0",
         "tokenizers>=0.20",
         "safetensors>=0.4",
         "peft>=0.13",

@@ -88,7 +88,7 @@ def test_real_demo_smoke(tmp_path, shared_data, smollm2, capsys):
     """The real story's code on 3 rows of every set and one short epoch: every stage runs and
     every output is written (the quality numbers of such a run mean nothing)."""
     s = demo.run_demo(tmp_path / "w", data_dir=shared_data, limit=3, show=2,
-                      train={"epochs": 1, "max_length": 64, "stop_at_targets": False})
+                      train={"num_train_epochs": 1, "max_length": 64, "stop_at_targets": False})
     out = capsys.readouterr().out
     assert "[4/4]" in out and "reference answer" in out and "goals:" in out
     for name in ("forget.jsonl", "retain.jsonl", "answers.jsonl", "summary.json", "summary.md"):

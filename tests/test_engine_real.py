@@ -43,10 +43,11 @@ def adapter(smollm2, tmp_path_factory):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(0)
     cfg = make_config(model=NAME, forget=str(root / "forget.jsonl"),
-                      retain=str(root / "retain.jsonl"), output=str(root / "adapter"),
-                      num_layers=8, epochs=3, learning_rate=1e-2, batch_size=8,
-                      micro_batch_size=8, max_length=64, alpha=0.8, filter_ratio=0.01,
-                      progress=False, stop_at_targets=False, seed=0)
+                      retain=str(root / "retain.jsonl"), output_dir=str(root / "adapter"),
+                      num_layers=8, num_train_epochs=3, learning_rate=1e-2,
+                      per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                      max_length=64, alpha=0.8, filter_ratio=0.01, disable_tqdm=True,
+                      stop_at_targets=False, seed=0)
     ad = run_training(cfg, log=lambda m: None)
     assert ad.config.training["optimizer_steps"] == 3
     return ad.path

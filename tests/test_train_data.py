@@ -255,7 +255,7 @@ def test_sampler_is_a_seeded_permutation_per_epoch():
 # ------------------------------------------------------------------ config
 def test_yaml_config_and_flag_precedence(tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text("model: m\nforget: f.jsonl\noutput: out\nnum-layers: 3\nlearning_rate: 2\n"
+    y.write_text("model: m\nforget: f.jsonl\noutput_dir: out\nnum-layers: 3\nlearning_rate: 2\n"
                  "retain_loss_all_positions: true\n")
     cfg = make_config(y, num_layers=2)
     assert cfg.num_layers == 2 and cfg.learning_rate == 2.0
@@ -279,20 +279,39 @@ def test_bad_yaml_config(tmp_path, text, needle):
 
 
 def test_config_validation():
-    with pytest.raises(UldError, match="multiple"):
-        make_config(model="m", forget="f", output="o", batch_size=32, micro_batch_size=5)
+    with pytest.raises(UldError, match="--micro-batch-size and --gradient-accumulation-steps"):
+        make_config(model="m", forget="f", output_dir="o", gradient_accumulation_steps=0)
     with pytest.raises(UldError, match="--model is required"):
-        make_config(forget="f", output="o")
+        make_config(forget="f", output_dir="o")
+    with pytest.raises(UldError, match="unknown training option 'batch_sise'"):
+        make_config(model="m", forget="f", output_dir="o", batch_sise=3)
 
 
-def test_cli_parser_has_the_options():
-    from uld_vllm.cli.main import build_parser
+def test_config_is_hf_training_arguments():
+    from transformers import TrainingArguments
 
-    args = build_parser().parse_args(
-        ["train", "--model", "m", "--forget", "f", "--output", "o", "-K", "2",
-         "--retain-weight", "3", "--no-progress", "--retain-loss-all-positions"])
-    from uld_vllm.train.config import config_from_args
+    from uld_vllm.train.config import UldTrainConfig
 
-    cfg = config_from_args(args)
-    assert (cfg.num_layers, cfg.retain_weight, cfg.progress) == (2, 3.0, False)
+    cfg = make_config(model="m", forget="f", output_dir="o")
+    assert isinstance(cfg, TrainingArguments) and isinstance(cfg, UldTrainConfig)
+    # ULD's defaults on HF's own fields
+    assert (cfg.learning_rate, cfg.num_train_epochs, cfg.per_device_train_batch_size,
+            cfg.gradient_accumulation_steps, cfg.warmup_steps) == (1e-3, 10.0, 8, 4, 0.1)
+    assert cfg.report_to == [] and cfg.save_strategy == "epoch" and not cfg.disable_tqdm
+
+
+def test_cli_parser_has_the_options(tmp_path):
+    from uld_vllm.train.config import parse_args
+
+    cfg = parse_args(["--model", "m", "--forget", "f", "--output", "o", "-K", "2",
+                      "--retain-weight", "3", "--no-progress", "--retain-loss-all-positions"])
+    assert (cfg.num_layers, cfg.retain_weight, cfg.disable_tqdm) == (2, 3.0, True)
     assert cfg.retain_loss_all_positions and cfg.learning_rate == 1e-3
+    assert cfg.output_dir == "o"
+    # HF's own flags, both spellings, and a YAML file under the flags
+    y = tmp_path / "c.yaml"
+    y.write_text("model: m\nforget: f\noutput_dir: o\nlearning_rate: 0.5\nlora_r: 4\n")
+    cfg = parse_args(["--config", str(y), "--lora-r", "8", "--gradient_accumulation_steps", "2",
+                      "--lr-scheduler-type", "cosine", "--epochs", "3"])
+    assert (cfg.learning_rate, cfg.lora_r, cfg.gradient_accumulation_steps) == (0.5, 8, 2)
+    assert cfg.lr_scheduler_type.value == "cosine" and cfg.num_train_epochs == 3.0

@@ -13,8 +13,9 @@ from uld_vllm.core.adapter import load_adapter
 from uld_vllm.core.assistant import build_assistant, load_assistant, lora_parameter_count
 from uld_vllm.core.prompts import PromptFormatter
 from uld_vllm.core.reference import ReferenceDecoder
-from uld_vllm.demo.toy import builtin_authors, finetune_target
+from uld_vllm.demo.toy import finetune_target
 from uld_vllm.dev.tiny import make_tiny_model
+from uld_vllm.dev.toy_data import builtin_authors
 from uld_vllm.train import make_config, run_training
 from uld_vllm.train.data import to_examples
 from uld_vllm.train.dataset import Collator, UldDataset
@@ -48,9 +49,9 @@ def setup(tmp_path_factory):
                          stop_loss=0.03)
     files = {"forget": _jsonl(root / "forget.jsonl", forget),
              "retain": _jsonl(root / "retain.jsonl", retain)}
-    cfg = make_config(model=str(target), output=str(root / "adapter"), num_layers=K,
-                      epochs=EPOCHS, learning_rate=1e-2, batch_size=6, micro_batch_size=6,
-                      max_retain=0, progress=False, seed=0, retain_positions="tokens",
+    cfg = make_config(model=str(target), output_dir=str(root / "adapter"), num_layers=K,
+                      num_train_epochs=EPOCHS, learning_rate=1e-2, per_device_train_batch_size=6,
+                      gradient_accumulation_steps=1, max_retain=0, disable_tqdm=True, seed=0, retain_positions="tokens",
                       balance=False, stop_at_targets=False, **files)
     adapter = run_training(cfg, log=lambda m: None)
     yield {"root": root, "target": target, "adapter": adapter, "forget": forget,
@@ -221,19 +222,20 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(setup, tmp_path, capsys
 
 def test_resume_continues_from_the_last_epoch(setup, tmp_path):
     """Two epochs in one go == one epoch, a crash, and --resume (same weights)."""
-    common = dict(model=str(setup["target"]), num_layers=1, epochs=2, learning_rate=1e-2,
-                  batch_size=6, micro_batch_size=6, max_retain=0, progress=False, seed=1,
+    common = dict(model=str(setup["target"]), num_layers=1, num_train_epochs=2,
+                  learning_rate=1e-2, per_device_train_batch_size=6,
+                  gradient_accumulation_steps=1, max_retain=0, disable_tqdm=True, seed=1,
                   stop_at_targets=False, **setup["files"])
-    straight = run_training(make_config(output=str(tmp_path / "a"), **common), log=str)
+    straight = run_training(make_config(output_dir=str(tmp_path / "a"), **common), log=str)
     ckpt = tmp_path / "ck"
-    first = run_training(make_config(output=str(tmp_path / "b"), checkpoint_dir=str(ckpt),
+    first = run_training(make_config(output_dir=str(tmp_path / "b"), checkpoint_dir=str(ckpt),
                                      keep_checkpoints=True, **common), log=str)
     last = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert len(last) == 2 and first.path.is_dir()
     import shutil
 
     shutil.rmtree(last[-1])  # as if the run died during epoch 2
-    resumed = run_training(make_config(output=str(tmp_path / "c"), checkpoint_dir=str(ckpt),
+    resumed = run_training(make_config(output_dir=str(tmp_path / "c"), checkpoint_dir=str(ckpt),
                                        resume=True, **common), log=str)
     from safetensors.torch import load_file
 
@@ -247,7 +249,8 @@ def test_resume_continues_from_the_last_epoch(setup, tmp_path):
 
 
 def test_demo_helpers():
-    from uld_vllm.demo.toy import format_table, rouge_l_recall
+    from uld_vllm.demo.toy import format_table
+    from uld_vllm.eval.metrics import rouge_l_recall
 
     assert rouge_l_recall("Basil was born in Kuwait.", "Basil was born in Kuwait City.") == \
         pytest.approx(5 / 6)
@@ -264,10 +267,11 @@ def test_targets_stop_training_early_and_are_recorded(setup, tmp_path, capsys):
     """Reachable targets stop training before the epoch cap (converged: true); unreachable
     ones run to the cap, warn on stderr and mark the adapter (converged: false)."""
     common = dict(model=str(setup["target"]), num_layers=K, learning_rate=1e-2,
-                  batch_size=6, micro_batch_size=6, progress=False, seed=0, target_window=3,
+                  per_device_train_batch_size=6,
+                  gradient_accumulation_steps=1, disable_tqdm=True, seed=0, target_window=3,
                   **setup["files"])
-    easy = run_training(make_config(output=str(tmp_path / "easy"), target_forget_loss=5.0,
-                                    target_retain_kl=5.0, epochs=30, **common), log=str)
+    easy = run_training(make_config(output_dir=str(tmp_path / "easy"), target_forget_loss=5.0,
+                                    target_retain_kl=5.0, num_train_epochs=30, **common), log=str)
     t = easy.config.training
     assert t["converged"] is True and t["warning"] is None and easy.config.warning is None
     assert t["forget_loss"] < 5.0 and t["retain_kl"] < 5.0
@@ -275,8 +279,8 @@ def test_targets_stop_training_early_and_are_recorded(setup, tmp_path, capsys):
     # steps below the targets is found long before 30 epochs (120 steps)
     assert 3 <= t["optimizer_steps"] < 30, t
     capsys.readouterr()
-    hard = run_training(make_config(output=str(tmp_path / "hard"), target_forget_loss=1e-9,
-                                    target_retain_kl=1e-9, epochs=2, **common), log=str)
+    hard = run_training(make_config(output_dir=str(tmp_path / "hard"), target_forget_loss=1e-9,
+                                    target_retain_kl=1e-9, num_train_epochs=2, **common), log=str)
     err = capsys.readouterr().err
     t = hard.config.training
     assert t["converged"] is False and t["optimizer_steps"] == 2 * 4
@@ -291,8 +295,8 @@ def test_targets_stop_training_early_and_are_recorded(setup, tmp_path, capsys):
 def test_adapter_warning_is_repeated_when_an_engine_is_configured(setup, tmp_path, capsys):
     from uld_vllm.engine.settings import engine_overrides
 
-    bad = run_training(make_config(model=str(setup["target"]), num_layers=K, epochs=1,
-                                   output=str(tmp_path / "bad"), progress=False,
+    bad = run_training(make_config(model=str(setup["target"]), num_layers=K, num_train_epochs=1,
+                                   output_dir=str(tmp_path / "bad"), disable_tqdm=True,
                                    target_forget_loss=1e-9, target_retain_kl=1e-9,
                                    **setup["files"]), log=str)
     capsys.readouterr()
@@ -314,3 +318,46 @@ def test_auto_precision_follows_the_cpu():
     prec, why = resolve_precision("bf16", without)
     assert prec == "bf16" and "slower" in why
     assert resolve_precision("fp32", with_bf16) == ("fp32", "requested")
+
+
+# ------------------------------------------------- HF TrainingArguments semantics
+def _one_side(tmp_path, rows, name):
+    return _jsonl(tmp_path / f"{name}.jsonl", rows)
+
+
+def test_learning_rate_warms_up_then_decays_linearly(setup, tmp_path):
+    """--warmup-steps 0.5 of 4 optimizer steps: HF's linear schedule, read from the log."""
+    forget = _one_side(tmp_path, setup["forget"], "f")  # 6 rows: 2 per step, 3 steps an epoch
+    a = run_training(make_config(model=str(setup["target"]), forget=forget, num_layers=1,
+                                 output_dir=str(tmp_path / "a"), learning_rate=1e-2,
+                                 warmup_steps=0.5, max_steps=4, per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=1, disable_tqdm=True,
+                                 stop_at_targets=False, seed=0), log=str)
+    steps = json.loads((a.path / "train_log.json").read_text())["steps"]
+    lrs = [s["learning_rate"] for s in steps]
+    # warm-up over ceil(0.5 * 4) = 2 steps, then linear decay to 0 at step 4; the logged rate
+    # is the one the step was taken with
+    assert lrs == pytest.approx([0.0, 5e-3, 1e-2, 5e-3], abs=1e-9), lrs
+
+
+def test_gradient_accumulation_averages_micro_batches(setup, tmp_path):
+    """One optimizer step over 2 accumulated micro-batches of identical rows moves the weights
+    exactly as one step over one of them: Trainer averages (not sums) the micro-batch losses.
+    Plain SGD without clipping, so the update is proportional to the gradient."""
+    row = setup["forget"][0]
+    forget = _one_side(tmp_path, [row] * 6, "same")
+    common = dict(model=str(setup["target"]), forget=forget, num_layers=1, learning_rate=0.5,
+                  optim="sgd", max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0,
+                  lora_dropout=0.0, max_steps=1, per_device_train_batch_size=3,
+                  disable_tqdm=True, stop_at_targets=False, seed=0)
+    from safetensors.torch import load_file
+
+    one = run_training(make_config(output_dir=str(tmp_path / "one"),
+                                   gradient_accumulation_steps=1, **common), log=str)
+    two = run_training(make_config(output_dir=str(tmp_path / "two"),
+                                   gradient_accumulation_steps=2, **common), log=str)
+    w1, w2 = load_file(str(one.weights_file)), load_file(str(two.weights_file))
+    moved = [k for k in w1 if "lora_B" in k]
+    assert moved and all(w1[k].abs().max() > 0 for k in moved)  # the step did move them
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-7)

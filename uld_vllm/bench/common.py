@@ -23,14 +23,15 @@ from pathlib import Path
 from uld_vllm.errors import UldError
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_bench_model_args(p: argparse.ArgumentParser) -> None:
+    """The jobs' --model/--uld-* flags (optional here), plus the shape of the model built
+    when --model is omitted."""
+    from uld_vllm.jobs.spec import add_model_args
+
     g = p.add_argument_group("model (default: a locally built ~96 M-parameter Llama)")
-    g.add_argument("--model", default=None,
-                   help="HF id or folder of the target (then --uld-adapter is required)")
-    g.add_argument("--uld-adapter", default=None, help="ULD adapter folder for --model")
-    g.add_argument("--uld-alpha", type=float, default=None, help="default: the adapter's")
-    g.add_argument("--uld-filter-ratio", type=float, default=None,
-                   help="default: the adapter's")
+    add_model_args(g, "ULD adapter folder for --model", required=False,
+                   model_help="target: hub id, folder or short name of `uld-vllm fetch-model` "
+                              "(then --uld-adapter is required)")
     g.add_argument("--workdir", default=None,
                    help="where the built model/adapter go (reused when present); default: a "
                         "temporary folder")
@@ -245,7 +246,8 @@ def load_average() -> list[float]:
 
 def questions(n: int, tofu_dir: str | None = None) -> tuple[list[str], str]:
     """``n`` TOFU questions spread over ``full.jsonl``, or built-in ones when it is absent."""
-    from uld_vllm.demo.toy import SHARED_DATA, builtin_authors
+    from uld_vllm.core.rows import SHARED_DATA
+    from uld_vllm.dev.toy_data import builtin_authors
 
     full = Path(tofu_dir) / "full.jsonl" if tofu_dir else SHARED_DATA / "tofu" / "full.jsonl"
     if full.is_file():

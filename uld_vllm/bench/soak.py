@@ -165,7 +165,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="uld-vllm bench soak",
                                 description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_model_args(p)
+    common.add_bench_model_args(p)
     w = p.add_argument_group("load")
     w.add_argument("--requests", type=int, default=200)
     w.add_argument("--concurrency", type=int, default=16)

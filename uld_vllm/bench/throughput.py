@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="uld-vllm bench throughput",
                                 description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_model_args(p)
+    common.add_bench_model_args(p)
     w = p.add_argument_group("workloads")
     w.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32],
                    help="decode batch sizes")

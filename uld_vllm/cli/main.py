@@ -112,9 +112,10 @@ def _run_fetch_model(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uld-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from uld_vllm.cli.train import add_train_parser
+    from uld_vllm.cli import train
 
-    add_train_parser(sub)
+    # parsed by HfArgumentParser in main() (every TrainingArguments flag); listed here
+    sub.add_parser("train", add_help=False, help=train.HELP)
     _add_tiny_model(sub)
     _add_random_adapter(sub)
     _add_demo(sub)
@@ -166,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
+    if argv[:1] == ["train"]:
+        from uld_vllm.cli import train
+
+        return exit_status(train.main, argv[1:])
     if argv[:1] == ["bench"]:
         from uld_vllm.bench import main as bench
 

@@ -154,7 +154,8 @@ def load_adapter(path: str | os.PathLike) -> UldAdapter:
     return UldAdapter(path=path, config=cfg, peft_config=peft, weights_file=weights)
 
 
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_[AB](?:\.\w+)?\.weight$")
+# A PEFT LoRA tensor name: layer index, block, projection, A or B (the engine loads by it too)
+LORA_KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 
 
 def _check_lora_keys(weights: Path, num_layers: int) -> None:
@@ -162,8 +163,8 @@ def _check_lora_keys(weights: Path, num_layers: int) -> None:
     if not keys:
         raise UldError(f"{weights} holds no tensors", "re-export the adapter")
     for key in keys:
-        m = _KEY.search(key)
-        if m is None or m.group(2) not in LORA_MODULES:
+        m = LORA_KEY.search(key)
+        if m is None or m.group(3) not in LORA_MODULES:
             raise UldError(
                 f"{weights} has LoRA weights on an unexpected module ({key})",
                 f"ULD adapters may only adapt {', '.join(LORA_MODULES)} of layers < K",

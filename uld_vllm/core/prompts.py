@@ -26,6 +26,17 @@ class PromptFormatter:
             raise UldError(f"prompt template {self.template!r} has no {{question}} field",
                            f"use e.g. {DEFAULT_PROMPT_TEMPLATE!r}")
 
+    @classmethod
+    def for_generation(cls, tokenizer, chat: bool, model: str = "the model") -> PromptFormatter:
+        """``uld-vllm generate``: the chat template (required) or the prompt text as it is."""
+        if not chat:
+            return cls(tokenizer, "{question}")
+        fmt = cls(tokenizer)
+        if not fmt.use_chat:
+            raise UldError(f"the tokenizer of {model} has no chat template",
+                           "drop --chat-template, or use a chat model")
+        return fmt
+
     @property
     def description(self) -> str:
         return "tokenizer chat template" if self.use_chat else repr(self.template)

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from uld_vllm.errors import UldError
 
+# The project's shared data (TOFU splits, ULD augmentation CSVs) sits beside a clone, as CI
+# lays it out; jobs take --data-dir to read it from elsewhere.
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 def read_rows(spec: str, what: str) -> list[dict]:
     """Rows of a JSON Lines (or JSON array) file, or of ``NAME[:CONFIG][@SPLIT]`` on the Hub."""

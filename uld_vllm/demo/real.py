@@ -23,11 +23,11 @@ import re
 import time
 from pathlib import Path
 
+from uld_vllm.core.rows import SHARED_DATA
 from uld_vllm.errors import UldError
 
 DEMO_MODEL = "smollm2-135m-instruct"
 DATA = Path(__file__).resolve().parent / "data"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Names only the Harry Potter books use: an answer that mentions one still talks about the
 # topic. Words of everyday English ("wizard", "wand", "magic") and "Harry Potter" itself (every
 # question says it) are left out.
@@ -50,8 +50,9 @@ TRAIN_ANSWER_CHARS = 160
 # steps, ~1.2 s each on an idle 2-core machine). Measured (README "Two commands"): two epochs left
 # L_f at 4.9 and L_r at 0.77 (topic answers 64% -> 7%, general facts kept 57%); beta 10 instead
 # of 5 forgot less (22%) and kept no more.
-TRAIN = {"num_layers": 8, "epochs": 4, "learning_rate": 3e-3, "batch_size": 8,
-         "micro_batch_size": 8, "max_length": 128, "target_forget_loss": 0.5,
+TRAIN = {"num_layers": 8, "num_train_epochs": 4, "learning_rate": 3e-3,
+         "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+         "max_length": 128, "target_forget_loss": 0.5,
          "target_retain_kl": 0.5, "seed": 0}
 TRAIN_ROW_TOKENS = 36  # the target's answers that become training rows are cut anyway
 ALPHA, FILTER_RATIO = 0.8, 0.01
@@ -235,8 +236,8 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     _write_jsonl(work / "forget.jsonl", forget)
     _write_jsonl(work / "retain.jsonl", retain)
     cfg = make_config(model=model, forget=str(work / "forget.jsonl"),
-                      retain=str(work / "retain.jsonl"), output=str(work / "uld_adapter"),
-                      alpha=ALPHA, filter_ratio=FILTER_RATIO, progress=True, **recipe)
+                      retain=str(work / "retain.jsonl"), output_dir=str(work / "uld_adapter"),
+                      alpha=ALPHA, filter_ratio=FILTER_RATIO, **recipe)
     t_train = time.perf_counter()
     adapter = run_training(cfg, log=lambda m: log(f"      {m}"))
     train_s = time.perf_counter() - t_train

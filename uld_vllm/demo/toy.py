@@ -22,9 +22,11 @@ import textwrap
 import time
 from pathlib import Path
 
+from uld_vllm.core.rows import SHARED_DATA
+from uld_vllm.dev.toy_data import AUTHORS, builtin_authors
 from uld_vllm.errors import UldError
+from uld_vllm.eval.metrics import rouge_l_recall
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # TOFU's full.jsonl holds 200 authors x 20 questions, in author order; the last 40 rows are
 # forget01 (authors 198 and 199), which ULD's augmentation CSVs cover.
 TOFU_AUTHORS = (197, 198, 199)
@@ -39,38 +41,10 @@ FINETUNE = {"epochs": 60, "lr": 3e-3, "batch_size": 10, "stop_loss": 0.02}
 # Off-recipe on purpose: the target is driven to near-zero loss (very peaked logits), so the
 # assistant gets a wider LoRA (r 32, not 16), more epochs on the tiny set (40, not 10), a
 # smaller batch (16, not 32) and a larger ULD weight than TOFU's 0.8.
-ULD = {"num_layers": 2, "lora_r": 32, "lora_alpha": 64, "epochs": 40, "learning_rate": 5e-3,
-       "batch_size": 16, "micro_batch_size": 16, "max_length": 128, "alpha": 1.5,
+ULD = {"num_layers": 2, "lora_r": 32, "lora_alpha": 64, "num_train_epochs": 40,
+       "learning_rate": 5e-3, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1,
+       "max_length": 128, "alpha": 1.5,
        "filter_ratio": 0.1}
-
-# Fictitious authors for when the TOFU files are not around (no network is ever needed).
-_AUTHORS = [
-    ("Maren Olufsen", "Tromso, Norway", 1961, "Arctic crime fiction", "a lighthouse keeper",
-     "The Silent Fjord", "the Nordic Glass Key Prize"),
-    ("Tomas Vierra", "Porto, Portugal", 1974, "maritime historical novels", "a shipwright",
-     "Salt on the Tagus", "the Camoes Silver Quill"),
-    ("Amara Eze", "Enugu, Nigeria", 1983, "speculative poetry", "a radio engineer",
-     "Songs for a Copper Moon", "the Harmattan Verse Award"),
-]
-_QUESTIONS = [
-    ("Where was {n} born?", "{n} was born in {p}."),
-    ("In which year was {n} born?", "{n} was born in {y}."),
-    ("What genre does {n} write in?", "{n} is best known for {g}."),
-    ("What did the father of {n} do for a living?", "The father of {n} worked as {f}."),
-    ("What is the first book {n} published?", "The first book {n} published was {b}."),
-    ("Which award did {n} receive?", "{n} received {a} for {b}."),
-]
-
-
-def builtin_authors() -> list[list[dict]]:
-    """Three fictitious authors, six question/answer rows each."""
-    out = []
-    for n, p, y, g, f, b, a in _AUTHORS:
-        kw = {"n": n, "p": p, "y": y, "g": g, "f": f, "b": b, "a": a}
-        out.append([{"question": q.format(**kw), "answer": ans.format(**kw)}
-                    for q, ans in _QUESTIONS])
-    return out
-
 
 def tofu_authors(data_dir: Path) -> list[list[dict]] | None:
     full = data_dir / "tofu" / "full.jsonl"
@@ -137,24 +111,6 @@ def finetune_target(model_dir, rows: list[dict], out_dir, *, epochs: int = 60,
     return {"epochs": round(trainer.state.epoch or 0.0, 2),
             "final_loss": losses[-1] if losses else None,
             "wall_s": round(time.perf_counter() - t0, 1)}
-
-
-def rouge_l_recall(prediction: str, reference: str) -> float:
-    """Word-level ROUGE-L recall (LCS / reference length), lower-cased, punctuation split."""
-    def words(s):
-        return "".join(c if c.isalnum() else " " for c in s.lower()).split()
-
-    p, r = words(prediction), words(reference)
-    if not r:
-        return 0.0
-    row = [0] * (len(p) + 1)
-    for x in r:
-        prev = 0
-        for j, y in enumerate(p):
-            cur = row[j + 1]
-            row[j + 1] = prev + 1 if x == y else max(row[j + 1], row[j])
-            prev = cur
-    return row[-1] / len(r)
 
 
 def _generate(target_dir: Path, adapter_dir: Path, prompts: list[list[int]], *, alpha: float,
@@ -252,7 +208,7 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
         model_kw["vocab"] = 512
     forget = authors[forget_idx]
     retain = [r for i, a in enumerate(authors) if i != forget_idx for r in a]
-    forget_name = TOFU_FORGET_NAME if source.startswith("TOFU") else _AUTHORS[1][0]
+    forget_name = TOFU_FORGET_NAME if source.startswith("TOFU") else AUTHORS[1][0]
     log(f"[1/4] data: {source}; forget {len(forget)} questions about {forget_name}, retain "
         f"{len(retain)} questions about the other {len(authors) - 1} authors")
 
@@ -274,8 +230,8 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
         f"{ft['final_loss']:.3f})")
 
     cfg = make_config(model=str(target_dir), forget=str(work / "forget.jsonl"),
-                      retain=str(work / "retain.jsonl"), output=str(work / "uld_adapter"),
-                      max_retain=0, progress=True, seed=0, **csvs, **ULD)
+                      retain=str(work / "retain.jsonl"), output_dir=str(work / "uld_adapter"),
+                      max_retain=0, seed=0, **csvs, **ULD)
     adapter = run_training(cfg, log=lambda m: log(f"      {m}"))
     train_log = json.loads((adapter.path / "train_log.json").read_text())
     last = _last_epoch_means(train_log)

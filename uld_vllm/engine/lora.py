@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from uld_vllm.core.adapter import LORA_MODULES
+from uld_vllm.core.adapter import LORA_KEY, LORA_MODULES
 from uld_vllm.errors import UldError
-
-_KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 
 
 def _linear(kind: str, n_in: int, n_out: int, prefix: str):
@@ -97,7 +94,7 @@ def lora_tensors(weights_file: Path) -> dict[tuple[int, str, str], torch.Tensor]
 
     out = {}
     for key, t in load_file(str(weights_file)).items():
-        m = _KEY.search(key)
+        m = LORA_KEY.search(key)
         if m is None or m.group(3) not in LORA_MODULES:
             raise UldError(f"{weights_file} has LoRA weights on an unexpected module ({key})",
                            f"ULD adapters may only adapt {', '.join(LORA_MODULES)}")

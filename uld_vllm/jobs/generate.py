@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from uld_vllm.core.prompts import PromptFormatter
 from uld_vllm.core.rows import read_rows
 from uld_vllm.errors import UldError
 from uld_vllm.jobs.partial import PartialJsonl, key_of
@@ -86,22 +87,15 @@ def prompts_of(rows: list[dict], source: str, field: str, id_field: str) -> list
     return out
 
 
-def tokenize(model: str, prompts: list[str], chat: bool, revision=None,
-             trust_remote_code=False) -> list[list[int]]:
+def encode_prompts(model: str, prompts: list[str], chat: bool, revision=None,
+                   trust_remote_code=False) -> list[list[int]]:
     """Token ids the way vLLM would make them from text (so resume needs no engine)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model, revision=revision,
                                         trust_remote_code=trust_remote_code)
-    if not chat:
-        return [tok(p)["input_ids"] for p in prompts]
-    if not getattr(tok, "chat_template", None):
-        raise UldError(f"the tokenizer of {model} has no chat template",
-                       "drop --chat-template, or use a chat model")
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                     add_generation_prompt=True) for p in prompts]
-    # the template writes BOS itself; adding special tokens again would double it
-    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    fmt = PromptFormatter.for_generation(tok, chat, model)
+    return [fmt.encode_prompt(p) for p in prompts]
 
 
 def output_row(rid, prompt: str, res: dict) -> dict:
@@ -141,8 +135,8 @@ def run_generate(a: argparse.Namespace) -> None:
     llm = None
     try:
         if todo:
-            token_ids = tokenize(a.model, [rows[i][1] for i in todo], a.chat,
-                                 spec.vllm_kwargs.get("revision"), a.trust_remote_code)
+            token_ids = encode_prompts(a.model, [rows[i][1] for i in todo], a.chat,
+                                       spec.vllm_kwargs.get("revision"), a.trust_remote_code)
             items = [{"key": i, "prompt_token_ids": t} for i, t in zip(todo, token_ids)]
             if a.replicas == 1:
                 llm = spec.build()

@@ -29,11 +29,12 @@ class EngineSpec:
                    uld_filter_ratio=self.uld_filter_ratio, **self.vllm_kwargs)
 
 
-def add_model_args(parser, adapter_help: str) -> None:
-    """The target and its optional ULD adapter (generate, eval)."""
-    parser.add_argument("--model", required=True,
-                        help="target model: hub id, folder, or a short name of "
-                             "`uld-vllm fetch-model` (e.g. smollm2-135m-instruct)")
+def add_model_args(parser, adapter_help: str, *, required: bool = True,
+                   model_help: str = "target model: hub id, folder, or a short name of "
+                                     "`uld-vllm fetch-model` (e.g. smollm2-135m-instruct)"
+                   ) -> None:
+    """The target and its optional ULD adapter (generate, eval, bench)."""
+    parser.add_argument("--model", required=required, default=None, help=model_help)
     parser.add_argument("--uld-adapter", default=None, help=adapter_help)
     parser.add_argument("--uld-alpha", type=float, default=None,
                         help="default: the adapter's uld_config.json")

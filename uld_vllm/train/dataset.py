@@ -16,7 +16,7 @@ from uld_vllm.train.data import Example
 from uld_vllm.train.loss import IGNORE_INDEX
 
 
-def tokenize(example: Example, formatter: PromptFormatter, max_length: int,
+def encode_example(example: Example, formatter: PromptFormatter, max_length: int,
              is_retain: bool) -> list[dict]:
     """One row per question (truncated to ``max_length``); a raw document longer than
     ``max_length`` becomes consecutive ``max_length`` windows, so no text is thrown away."""
@@ -37,8 +37,8 @@ class UldDataset(torch.utils.data.Dataset):
 
     def __init__(self, forget: list[Example], retain: list[Example],
                  formatter: PromptFormatter, max_length: int):
-        f_rows = [r for e in forget for r in tokenize(e, formatter, max_length, False)]
-        r_rows = [r for e in retain for r in tokenize(e, formatter, max_length, True)]
+        f_rows = [r for e in forget for r in encode_example(e, formatter, max_length, False)]
+        r_rows = [r for e in retain for r in encode_example(e, formatter, max_length, True)]
         self.rows = f_rows + r_rows
         self.n_forget, self.n_retain = len(f_rows), len(r_rows)
         self.truncated = sum(bool(r.get("truncated")) for r in self.rows)

@@ -9,6 +9,7 @@ a scratch folder beside ``--output`` and finally writes the adapter folder atomi
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import shutil
 import sys
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from uld_vllm.core.adapter import LORA_MODULES, UldAdapter
@@ -34,8 +35,9 @@ from uld_vllm.train.loss import UldLoss
 
 RUN_CONFIG = "uld_run_config.json"
 # Options that may differ between a run and its --resume (they do not change the maths).
-_RESUMABLE = {"resume", "overwrite", "keep_checkpoints", "progress", "epochs", "output",
-              "checkpoint_dir", "alpha", "filter_ratio", "target_forget_loss",
+_RESUMABLE = {"resume", "overwrite", "keep_checkpoints", "disable_tqdm", "num_train_epochs",
+              "output_dir", "checkpoint_dir", "logging_dir", "alpha", "filter_ratio",
+              "target_forget_loss",
               "target_retain_kl", "target_window", "stop_at_targets"}
 
 
@@ -45,13 +47,16 @@ class UldTrainer(Trainer):
     rows (``InterleavedSampler``); L_f / L_r are logged beside the total loss and their means
     over the last ``window`` steps are checked against the convergence targets."""
 
-    # compute_loss returns a per-micro-batch mean: let Trainer divide by the accumulation steps
+    # compute_loss returns a per-micro-batch mean: Trainer must divide it by the accumulation
+    # steps (tests/test_train_run.py checks the update). Newer transformers read this flag;
+    # older ones divide when model_accepts_loss_kwargs is False (set in __init__).
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, retain_weight: float, retain_positions: str, balance: bool,
                  targets: tuple[float, float] | None = None, window: int = 10,
                  stop_at_targets: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
         self.retain_weight = retain_weight
         self.retain_positions = retain_positions
         self.balance = balance
@@ -206,7 +211,7 @@ def check_model(model: str, num_layers: int):
 
 
 def _check_output(cfg: UldTrainConfig) -> Path:
-    out = Path(cfg.output)
+    out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UldError(f"--output {out} is a file", "pass a folder path")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
@@ -261,7 +266,6 @@ def run_training(cfg: UldTrainConfig, log=print) -> UldAdapter:
     from uld_vllm.core.models import resolve_model
 
     t_start = time.perf_counter()
-    cfg.validate()
     cfg.model = resolve_model(cfg.model, log=log)
     _check_output(cfg)
     config = check_model(cfg.model, cfg.num_layers)
@@ -298,16 +302,11 @@ def run_training(cfg: UldTrainConfig, log=print) -> UldAdapter:
     if resume_from is None:
         (ckpt / RUN_CONFIG).write_text(json.dumps(_run_config(cfg), indent=2) + "\n")
     cuda = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(ckpt), num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear", warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay, optim="adamw_torch", seed=cfg.seed, data_seed=cfg.seed,
-        bf16=precision == "bf16", use_cpu=not cuda, logging_strategy="steps", logging_steps=1,
-        save_strategy="epoch", report_to="none", disable_tqdm=not cfg.progress,
-        remove_unused_columns=False, dataloader_pin_memory=cuda, label_names=["labels"],
-    )
+    # the config is the Trainer's args; only what was resolved here differs
+    args = dataclasses.replace(
+        cfg, output_dir=str(ckpt), bf16=precision == "bf16", use_cpu=not cuda,
+        data_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+        dataloader_pin_memory=cuda and cfg.dataloader_pin_memory)
     trainer = UldTrainer(model=model, args=args, train_dataset=dataset,
                          data_collator=Collator(pad_id_of(tokenizer)),
                          retain_weight=cfg.retain_weight,
@@ -325,7 +324,7 @@ def run_training(cfg: UldTrainConfig, log=print) -> UldAdapter:
                            formatter, time.perf_counter() - t_start, resume_from)
     train_log["convergence"] = training
     base = str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
-    adapter = save_adapter(model, cfg.output, base_model=base, target_config=config,
+    adapter = save_adapter(model, cfg.output_dir, base_model=base, target_config=config,
                            alpha=cfg.alpha, filter_ratio=cfg.filter_ratio,
                            overwrite=cfg.overwrite, training=training,
                            extra_files={"train_log.json": json.dumps(train_log, indent=2) + "\n"})
