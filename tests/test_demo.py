@@ -10,6 +10,7 @@ from uld_vllm.demo import real as demo
 from uld_vllm.demo.toy import run_demo as run_toy_demo
 
 
+@pytest.mark.engine
 def test_demo_forgets_one_author_and_keeps_the_others(tmp_path, capsys):
     res = run_toy_demo(tmp_path / "demo", data_dir=tmp_path / "no-data")
     out = capsys.readouterr().out
@@ -84,6 +85,7 @@ def test_missing_retain_data_is_one_clear_error(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.engine
 def test_real_demo_smoke(tmp_path, shared_data, smollm2, capsys):
     """The real story's code on 3 rows of every set and one short epoch: every stage runs and
     every output is written (the quality numbers of such a run mean nothing)."""

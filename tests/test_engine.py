@@ -8,6 +8,9 @@ from engine_helpers import CHUNKED_KW, ENGINE_KW, PROMPTS, assert_greedy_matches
 
 from uld_vllm.core.reference import ReferenceDecoder
 
+# starts vLLM engines, API servers or Ray (`make test-fast` leaves these out)
+pytestmark = pytest.mark.engine
+
 MAX_NEW = 16
 
 

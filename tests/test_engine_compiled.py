@@ -6,6 +6,9 @@ from engine_helpers import ENGINE_KW, PROMPTS, assert_greedy_matches, shutdown
 
 from uld_vllm.core.reference import ReferenceDecoder
 
+# starts vLLM engines, API servers or Ray (`make test-fast` leaves these out)
+pytestmark = pytest.mark.engine
+
 MAX_NEW = 10
 
 

@@ -7,6 +7,9 @@ from engine_helpers import ENGINE_KW, NEAR_TIE, PROMPTS, shutdown
 
 from uld_vllm.core.reference import ReferenceDecoder
 
+# starts vLLM engines, API servers or Ray (`make test-fast` leaves these out)
+pytestmark = pytest.mark.engine
+
 MAX_NEW = 14
 # a request per prompt, cycling through the engine's default, alpha 0.5 and alpha 0; lengths
 # differ so requests finish at different steps, and at most 4 run at once, so rows are

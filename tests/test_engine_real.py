@@ -17,6 +17,9 @@ from test_server import free_port, serve_cmd
 from uld_vllm.core.prompts import PromptFormatter
 from uld_vllm.core.reference import ReferenceDecoder
 
+# starts vLLM engines, API servers or Ray (`make test-fast` leaves these out)
+pytestmark = pytest.mark.engine
+
 NAME = "smollm2-135m-instruct"
 MAX_NEW = 12
 QUESTIONS = ["Which school does Harry Potter attend?", "What is the capital of France?",

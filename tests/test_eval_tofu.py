@@ -11,6 +11,9 @@ import torch
 
 from uld_vllm.eval import metrics as M
 
+# starts vLLM engines, API servers or Ray (`make test-fast` leaves these out)
+pytestmark = pytest.mark.engine
+
 ROWS = 20
 ENGINE = ("--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--no-progress")
 

@@ -11,6 +11,9 @@ import pytest
 
 from uld_vllm.core.reference import ReferenceDecoder
 
+# starts vLLM engines, API servers or Ray (`make test-fast` leaves these out)
+pytestmark = pytest.mark.engine
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "uld_vllm.cli", "generate", *args],

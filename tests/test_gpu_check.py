@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# starts vLLM engines, API servers or Ray (`make test-fast` leaves these out)
+pytestmark = pytest.mark.engine
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py")]
 

@@ -277,6 +277,7 @@ def test_input_errors():
     assert uld_sample(l[:0], a[:0]).shape == (0,)
 
 
+@pytest.mark.engine
 @pytest.mark.skipif(ON_GPU, reason="CPU engine path; covered on GPU by the combine tests")
 def test_engine_dense_path_uses_kernel(monkeypatch):
     assert combine._pick_backend("triton") == "triton"  # interpreted kernels run on CPU

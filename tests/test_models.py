@@ -44,6 +44,7 @@ def test_fetch_is_idempotent_and_prints_the_folder(smollm2, capsys):
     assert resolve_model("/some/folder") == "/some/folder"  # anything else passes through
 
 
+@pytest.mark.slow
 def test_gguf_file_converts_to_the_same_weights(smollm2, tmp_path):
     import torch
     from safetensors.torch import load_file

@@ -66,6 +66,7 @@ def test_bad_shapes_are_one_line_errors(tmp_path):
         make_tiny_model(tmp_path / "x", corpus_file=tmp_path / "empty.txt")
 
 
+@pytest.mark.engine
 def test_loads_in_vllm_and_matches_hf_greedy(tiny_llama, tiny_qwen2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams

@@ -51,7 +51,8 @@ def setup(tmp_path_factory):
              "retain": _jsonl(root / "retain.jsonl", retain)}
     cfg = make_config(model=str(target), output_dir=str(root / "adapter"), num_layers=K,
                       num_train_epochs=EPOCHS, learning_rate=1e-2, per_device_train_batch_size=6,
-                      gradient_accumulation_steps=1, max_retain=0, disable_tqdm=True, seed=0, retain_positions="tokens",
+                      gradient_accumulation_steps=1, max_retain=0, disable_tqdm=True, seed=0,
+                      retain_positions="tokens",
                       balance=False, stop_at_targets=False, **files)
     adapter = run_training(cfg, log=lambda m: None)
     yield {"root": root, "target": target, "adapter": adapter, "forget": forget,
@@ -249,7 +250,7 @@ def test_resume_continues_from_the_last_epoch(setup, tmp_path):
 
 
 def test_demo_helpers():
-    from uld_vllm.demo.toy import format_table
+    from uld_vllm.demo.common import format_table
     from uld_vllm.eval.metrics import rouge_l_recall
 
     assert rouge_l_recall("Basil was born in Kuwait.", "Basil was born in Kuwait City.") == \

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from uld_vllm.core.rows import SHARED_DATA
+from uld_vllm.demo.common import KV_CACHE_BYTES, clear_outputs, format_table, quiet_vllm
 from uld_vllm.errors import UldError
 
 DEMO_MODEL = "smollm2-135m-instruct"
@@ -56,7 +57,8 @@ TRAIN = {"num_layers": 8, "num_train_epochs": 4, "learning_rate": 3e-3,
          "target_retain_kl": 0.5, "seed": 0}
 TRAIN_ROW_TOKENS = 36  # the target's answers that become training rows are cut anyway
 ALPHA, FILTER_RATIO = 0.8, 0.01
-ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0}
+ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0,
+          "kv_cache_memory_bytes": KV_CACHE_BYTES}
 _OUTPUTS = ("forget.jsonl", "retain.jsonl", "uld_adapter", "uld_adapter.checkpoints",
             "answers.jsonl", "summary.json", "summary.md")
 
@@ -177,6 +179,7 @@ def cut_answer(text: str, limit: int = TRAIN_ANSWER_CHARS) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0]
 
 
+@quiet_vllm()
 def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.PathLike | None = None,
              show: int = 6, limit: int | None = None, train: dict | None = None,
              log=print) -> dict:
@@ -184,8 +187,6 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
 
     ``limit`` (first N rows of every set) and ``train`` (overrides of ``TRAIN``) make a
     smoke run of the same code; the demo itself uses neither."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the story readable
     from transformers import AutoTokenizer
 
     from uld_vllm.core.models import fetch_model
@@ -202,7 +203,6 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
         data = {k: v[:limit] for k, v in data.items()}
     recipe = {**TRAIN, **(train or {})}
     model = str(fetch_model(DEMO_MODEL, log=lambda m: log(f"      {m}")))
-    from uld_vllm.demo.toy import clear_outputs, format_table
 
     clear_outputs(work, _OUTPUTS)
     log(f"[1/4] target: {DEMO_MODEL} as shipped ({model}); forget topic: Harry Potter "

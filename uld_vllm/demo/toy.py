@@ -18,11 +18,11 @@ import json
 import math
 import os
 import shutil
-import textwrap
 import time
 from pathlib import Path
 
 from uld_vllm.core.rows import SHARED_DATA
+from uld_vllm.demo.common import KV_CACHE_BYTES, clear_outputs, format_table, quiet_vllm
 from uld_vllm.dev.toy_data import AUTHORS, builtin_authors
 from uld_vllm.errors import UldError
 from uld_vllm.eval.metrics import rouge_l_recall
@@ -116,14 +116,13 @@ def finetune_target(model_dir, rows: list[dict], out_dir, *, epochs: int = 60,
 def _generate(target_dir: Path, adapter_dir: Path, prompts: list[list[int]], *, alpha: float,
               filter_ratio: float, max_new_tokens: int) -> dict[str, list[str]]:
     """Greedy answers of the target alone (plain vLLM) and under ULD (the uld-vllm engine)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the story readable
     from vllm import LLM as PlainLLM
     from vllm import SamplingParams
 
     import uld_vllm
 
-    kw = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0}
+    kw = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0,
+          "kv_cache_memory_bytes": KV_CACHE_BYTES}
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     engines = {
@@ -148,29 +147,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _cell(text: str, width: int, lines: int) -> list[str]:
-    wrapped = textwrap.wrap(" ".join(text.split()), width) or [""]
-    if len(wrapped) > lines:
-        wrapped = wrapped[:lines]
-        wrapped[-1] = wrapped[-1][:width - 1] + "…"
-    return wrapped
-
-
-def format_table(rows: list[tuple[str, str, str, str]], widths=(24, 32, 32, 32),
-                 lines=(4, 6, 6, 6),
-                 head=("question", "ground truth", "target's answer", "ULD answer")) -> str:
-    """Side-by-side columns; long cells wrap (and are cut after ``lines`` lines)."""
-    sep = "-+-".join("-" * w for w in widths)
-    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), sep]
-    for row in rows:
-        cells = [_cell(c, w, n) for c, w, n in zip(row, widths, lines)]
-        for i in range(max(len(c) for c in cells)):
-            out.append(" | ".join((c[i] if i < len(c) else "").ljust(w)
-                                  for c, w in zip(cells, widths)).rstrip())
-        out.append(sep)
-    return "\n".join(out)
-
-
+@quiet_vllm()
 def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.PathLike | None = None,
              show_per_side: int = 5, log=print) -> dict:
     """Run the story in ``workdir`` (re-created) and print it; returns the numbers it printed."""
@@ -280,18 +257,6 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     results["seconds_per_epoch"] = train_log["seconds_per_epoch"]
     log(f"{results['verdict']} (demo wall time {results['wall_s']:.0f} s)")
     return results
-
-
-def clear_outputs(work: Path, names) -> None:
-    """Create ``work`` and remove only what an earlier demo run wrote there (``names``);
-    anything else in the folder is left alone."""
-    work.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        p = work / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
 
 
 def _last_epoch_means(train_log: dict) -> dict:

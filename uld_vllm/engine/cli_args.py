@@ -44,7 +44,7 @@ def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
         WORKER_EXTENSION,
         check_engine_options,
         engine_overrides,
-        use_v1_model_runner,
+        v1_model_runner_for_server,
         with_request_controls,
     )
 
@@ -63,7 +63,7 @@ def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
         pipeline_parallel_size=engine_args.pipeline_parallel_size,
         enable_batch_sharded_sampling=getattr(engine_args, "enable_batch_sharded_sampling",
                                               None))
-    use_v1_model_runner()
+    v1_model_runner_for_server()
     from uld_vllm.engine.request_controls import validate_at_request_parsing
 
     validate_at_request_parsing()  # this process serves the requests: 400 before any stream

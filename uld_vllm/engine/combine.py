@@ -8,13 +8,15 @@ Two ways to get there, same result (``uld_logits`` semantics):
   assistant's logits *only for kept tokens* (``W[v] . h_a`` per kept ``v``). The filter keeps
   at least ``floor(r * V)`` tokens and, for a confident model, not many more, so at r = 0.01 this
   replaces a second full-vocabulary GEMM by ~1% of it. It is used when the batch keeps few
-  tokens (on average ``<= sparse_fraction * V`` per row, default 0.05, env
-  ``ULD_SPARSE_HEAD_FRACTION``; 1 forces it, 0 disables it); flat distributions (e.g. a randomly
-  initialised model) keep most of the vocabulary, and then the dense GEMM is cheaper.
+  tokens (on average ``<= sparse_fraction * V`` per row: ``sparse_head_fraction`` in
+  ``additional_config["uld"]``, default 0.05; 1 forces it, 0 disables it); flat
+  distributions (e.g. a randomly initialised model) keep most of the vocabulary, and then the
+  dense GEMM is cheaper.
 
 The sparse head needs a plain, unsharded LM head (TP 1, no quantisation, no logit scaling or
 soft-capping) and the torch backend; otherwise the dense path runs. The backend is chosen once,
-at engine start (``ULD_BACKEND=auto|torch|triton``, see ``_pick_backend``): ``triton`` runs the
+at engine start (``backend`` in ``additional_config["uld"]``: auto|torch|triton, see
+``_pick_backend``; ``ULD_BACKEND`` overrides it for development): ``triton`` runs the
 dense combination in the fused kernel of ``uld_vllm.kernels`` (CUDA, or the Triton interpreter
 on CPU with ``TRITON_INTERPRET=1``); ``torch`` runs ``uld_logits``.
 
@@ -26,6 +28,7 @@ unfiltered: exactly what plain vLLM computes for that row.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -34,17 +37,44 @@ import torch
 from uld_vllm.core.logits import combine_with_mask, plausibility_mask, uld_logits
 from uld_vllm.errors import UldError
 
+# a child of vLLM's logger: its handler, format and level (VLLM_LOGGING_LEVEL)
+_log = logging.getLogger("vllm.uld_vllm")
+# sparse assistant head below this share of kept tokens (additional_config sparse_head_fraction)
+SPARSE_HEAD_FRACTION = 0.05
+
 
 class UldCombiner:
+    """Built once per engine from its ``UldSettings`` (``additional_config["uld"]``). The
+    environment variables ``ULD_BACKEND`` and ``ULD_SPARSE_HEAD_FRACTION`` override the config
+    for development (benchmarks, kernel tests); the path chosen, and where each setting came
+    from, is logged once when the engine starts."""
+
     def __init__(self, settings, sparse_fraction: float | None = None):
         self.alpha = settings.alpha
         self.filter_ratio = settings.filter_ratio
         self.mode = settings.mode
-        self.backend = _pick_backend(os.environ.get("ULD_BACKEND", settings.backend))
-        frac = os.environ.get("ULD_SPARSE_HEAD_FRACTION")
-        self.sparse_fraction = float(frac) if frac is not None else (
-            0.05 if sparse_fraction is None else sparse_fraction)
+        backend, backend_from = settings.backend, "additional_config"
+        if os.environ.get("ULD_BACKEND"):
+            backend, backend_from = os.environ["ULD_BACKEND"], "ULD_BACKEND override"
+        self.backend = _pick_backend(backend)
+        if sparse_fraction is None:
+            sparse_fraction = getattr(settings, "sparse_head_fraction", SPARSE_HEAD_FRACTION)
+        frac_from = "additional_config"
+        if os.environ.get("ULD_SPARSE_HEAD_FRACTION"):
+            raw = os.environ["ULD_SPARSE_HEAD_FRACTION"]
+            try:
+                sparse_fraction = float(raw)
+            except ValueError:
+                raise UldError(f"ULD_SPARSE_HEAD_FRACTION={raw!r} is not a number",
+                               "unset it or give a fraction in [0, 1]") from None
+            frac_from = "ULD_SPARSE_HEAD_FRACTION override"
+        self.sparse_fraction = sparse_fraction
         self.stats = {"dense": 0, "sparse": 0, "target": 0, "per_request": 0}
+        self.description = (
+            f"backend {self.backend} (asked: {backend}, from {backend_from}); sparse assistant "
+            f"head when rows keep <= {self.sparse_fraction:g} of the vocabulary on average "
+            f"(from {frac_from}; needs the torch backend and a plain LM head)")
+        _log.info("ULD combine path: %s", self.description)
 
     def __call__(self, logits_processor, lm_head, h_t: torch.Tensor, h_a: torch.Tensor,
                  rows: dict[int, tuple[float | None, str | None]] | None = None

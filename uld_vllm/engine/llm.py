@@ -12,7 +12,8 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
 
     Returns vLLM's own ``LLM`` object (so ``generate``, ``chat``, ``SamplingParams``, outputs
     are vLLM's). Without ``uld_adapter`` it is plain vLLM. Equivalent plain-vLLM form (with
-    ``VLLM_USE_V2_MODEL_RUNNER=0`` in the environment)::
+    ``VLLM_USE_V2_MODEL_RUNNER=0`` in the environment while it is built; this function sets it
+    for that moment only)::
 
         vllm.LLM(model, hf_overrides={"architectures": ["UldLlamaForCausalLM"]},
                  additional_config={"uld": {"adapter": DIR, "alpha": A, "filter_ratio": R}},
@@ -26,28 +27,29 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
     from uld_vllm.core.models import resolve_model
 
     model = resolve_model(model)
-    if uld_adapter is not None:
-        from uld_vllm.engine.settings import (
-            WORKER_EXTENSION,
-            check_engine_options,
-            engine_overrides,
-            use_v1_model_runner,
-            with_request_controls,
-        )
+    if uld_adapter is None:
+        return vllm.LLM(model, **vllm_kwargs)
+    from uld_vllm.engine.settings import (
+        WORKER_EXTENSION,
+        check_engine_options,
+        engine_overrides,
+        v1_model_runner,
+        with_request_controls,
+    )
 
-        check_engine_options(**{k: vllm_kwargs[k] for k in (
-            "enable_lora", "speculative_config", "pipeline_parallel_size",
-            "enable_batch_sharded_sampling") if k in vllm_kwargs})
-        use_v1_model_runner()
-        vllm_kwargs["logits_processors"] = with_request_controls(
-            vllm_kwargs.get("logits_processors"))
-        # kept when the caller brings its own: set_uld_mode then says what is missing
-        vllm_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
-        hf, extra = engine_overrides(
-            model, uld_adapter, alpha=uld_alpha, filter_ratio=uld_filter_ratio, mode=uld_mode,
-            hf_overrides=vllm_kwargs.pop("hf_overrides", None),
-            additional_config=vllm_kwargs.pop("additional_config", None),
-            revision=vllm_kwargs.get("revision"),
-            trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
-        vllm_kwargs.update(hf_overrides=hf, additional_config=extra)
-    return vllm.LLM(model, **vllm_kwargs)
+    check_engine_options(**{k: vllm_kwargs[k] for k in (
+        "enable_lora", "speculative_config", "pipeline_parallel_size",
+        "enable_batch_sharded_sampling") if k in vllm_kwargs})
+    vllm_kwargs["logits_processors"] = with_request_controls(
+        vllm_kwargs.get("logits_processors"))
+    # kept when the caller brings its own: set_uld_mode then says what is missing
+    vllm_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
+    hf, extra = engine_overrides(
+        model, uld_adapter, alpha=uld_alpha, filter_ratio=uld_filter_ratio, mode=uld_mode,
+        hf_overrides=vllm_kwargs.pop("hf_overrides", None),
+        additional_config=vllm_kwargs.pop("additional_config", None),
+        revision=vllm_kwargs.get("revision"),
+        trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
+    vllm_kwargs.update(hf_overrides=hf, additional_config=extra)
+    with v1_model_runner():
+        return vllm.LLM(model, **vllm_kwargs)

@@ -23,6 +23,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from uld_vllm.engine.combine import UldCombiner
 from uld_vllm.engine.lora import LoRALayer, load_lora_layer, lora_tensors, read_lora_settings
@@ -139,7 +142,13 @@ class UldForward(nn.Module):
 
 
 class UldCausalLMMixin:
-    """Turns a vLLM ``*ForCausalLM`` (Llama family, Qwen2) into its ULD variant."""
+    """Turns a vLLM ``*ForCausalLM`` (Llama family, Qwen2) into its ULD variant: first in the
+    bases, so its ``__init__``, ``forward``, ``compute_logits`` and ``load_weights`` wrap the
+    target's."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_uld(vllm_config, prefix)
 
     def _init_uld(self, vllm_config, prefix: str) -> None:
         from vllm.distributed import get_pp_group
@@ -221,25 +230,13 @@ class UldCausalLMMixin:
         return loaded
 
 
-def _uld_class(base_cls: type, name: str) -> type:
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        base_cls.__init__(self, vllm_config=vllm_config, prefix=prefix)
-        self._init_uld(vllm_config, prefix)
-
-    return type(name, (UldCausalLMMixin, base_cls), {
-        "__init__": __init__, "__module__": __name__,
-        "__doc__": f"{base_cls.__name__} with a LoRA ULD assistant on its first K layers.",
-    })
+class UldLlamaForCausalLM(UldCausalLMMixin, LlamaForCausalLM):
+    """Llama with a LoRA ULD assistant on its first K layers."""
 
 
-def _classes():
-    from vllm.model_executor.models.llama import LlamaForCausalLM
-    from vllm.model_executor.models.mistral import MistralForCausalLM
-    from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
-
-    return (_uld_class(LlamaForCausalLM, "UldLlamaForCausalLM"),
-            _uld_class(MistralForCausalLM, "UldMistralForCausalLM"),
-            _uld_class(Qwen2ForCausalLM, "UldQwen2ForCausalLM"))
+class UldMistralForCausalLM(UldCausalLMMixin, MistralForCausalLM):
+    """Mistral with a LoRA ULD assistant on its first K layers."""
 
 
-UldLlamaForCausalLM, UldMistralForCausalLM, UldQwen2ForCausalLM = _classes()
+class UldQwen2ForCausalLM(UldCausalLMMixin, Qwen2ForCausalLM):
+    """Qwen2 with a LoRA ULD assistant on its first K layers."""

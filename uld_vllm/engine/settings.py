@@ -13,8 +13,10 @@ line before any engine process starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,8 @@ class UldSettings:
     alpha: float
     filter_ratio: float
     mode: str = "generate"  # "score": masked tokens keep the target logit (TOFU scoring)
-    backend: str = "auto"   # "auto" | "torch" | "triton" (kernel issue)
+    backend: str = "auto"   # "auto" | "torch" | "triton" (uld_vllm.engine.combine)
+    sparse_head_fraction: float = 0.05  # see uld_vllm.engine.combine
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "UldSettings":
@@ -55,11 +58,15 @@ class UldSettings:
                 alpha=float(raw.get("alpha", cfg.alpha)),
                 filter_ratio=float(raw.get("filter_ratio", cfg.filter_ratio)),
                 mode=str(raw.get("mode", "generate")),
-                backend=str(raw.get("backend", "auto")))
+                backend=str(raw.get("backend", "auto")),
+                sparse_head_fraction=float(raw.get("sparse_head_fraction", 0.05)))
         s.validate()
         return s
 
     def validate(self) -> None:
+        if not 0.0 <= self.sparse_head_fraction <= 1.0:
+            raise UldError(f"sparse_head_fraction {self.sparse_head_fraction} is out of range",
+                           "use a fraction in [0, 1] (0: never, 1: always)")
         if self.mode not in MODES:
             raise UldError(f"ULD mode {self.mode!r} is unknown", f"use one of {MODES}")
         if not 0.0 <= self.filter_ratio < 1.0:
@@ -167,25 +174,54 @@ def check_vllm_config(vllm_config) -> None:
 _V2_PROBLEM = ("ULD runs on vLLM's V1 model runner (its per-request controls are a V1 logits "
                "processor that sees the batch before the forward); this engine chose Model "
                "Runner V2")
-_V2_FIX = "set VLLM_USE_V2_MODEL_RUNNER=0 (uld_vllm.LLM and --uld-adapter set it when unset)"
+_V2_FIX = ("set VLLM_USE_V2_MODEL_RUNNER=0 (uld_vllm.LLM and --uld-adapter do it when it is "
+           "unset)")
 
 
-def use_v1_model_runner() -> None:
-    """Select the V1 model runner for the engine processes this process starts.
+_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
-    vLLM reads ``VLLM_USE_V2_MODEL_RUNNER`` when it builds the engine config (here and in the
-    engine-core process, which inherits the environment); left unset, vLLM picks V2 on GPUs."""
-    raw = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+
+def _check_runner_env() -> bool:
+    """True when the user left the runner choice to us; an explicit V2 is refused."""
+    raw = os.environ.get(_RUNNER_ENV)
     if raw is None or not raw.strip():
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        return
+        return True
     try:
         v2 = bool(int(raw))
     except ValueError:
         v2 = raw.strip().lower() == "true"
     if v2:
-        raise UldError(f"VLLM_USE_V2_MODEL_RUNNER={raw}: " + _V2_PROBLEM.split(";")[0],
-                       "unset VLLM_USE_V2_MODEL_RUNNER or set it to 0")
+        raise UldError(f"{_RUNNER_ENV}={raw}: " + _V2_PROBLEM.split(";")[0],
+                       f"unset {_RUNNER_ENV} or set it to 0")
+    return False
+
+
+@contextlib.contextmanager
+def v1_model_runner():
+    """Build an engine on the V1 model runner without changing the process for later engines.
+
+    vLLM has no engine argument for the runner: it reads ``VLLM_USE_V2_MODEL_RUNNER`` when it
+    builds the engine config, here and in the engine-core process it spawns (which inherits the
+    environment at that moment). So the variable is set only while the engine is being built
+    and removed afterwards: a plain engine built later in the same process picks its runner as
+    vLLM would."""
+    if not _check_runner_env():
+        yield
+        return
+    os.environ[_RUNNER_ENV] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(_RUNNER_ENV, None)
+
+
+def v1_model_runner_for_server() -> None:
+    """``vllm serve --uld-adapter``: the server process exists for this one ULD engine, whose
+    core process starts after argument parsing, so the choice is made process-wide (and said)."""
+    if _check_runner_env():
+        os.environ[_RUNNER_ENV] = "0"
+        print(f"uld-vllm: {_RUNNER_ENV}=0 for this server (ULD runs on vLLM's V1 model "
+              "runner)", file=sys.stderr, flush=True)
 
 
 def with_request_controls(logits_processors) -> list:
