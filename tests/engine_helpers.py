@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from uld_vllm.dev.toy_data import MIXED_PROMPTS
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # lets llm.apply_model / collective_rpc ship uld_vllm.engine.inspect functions to the worker
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
-# mixed lengths; several share long prefixes so prefix caching has something to hit
-_STORY = ("The author wrote about the northern sea in 1907. Her father studied the history of "
-          "science and the young poet returned to the streets of Cairo in 1921.")
-PROMPTS = [
-    "Hello",
-    "The author wrote",
-    "Question: What did the river do? Answer:",
-    "In 1907 a quiet librarian studied the history of science and",
-    _STORY,
-    _STORY + " Question: Where was the poet born?",
-    _STORY + " Every reader never forgot",
-    "12 13 14 15",
-    "An old sailor dreamed of mountain villages",
-    "The committee published a book on the art of translation in 1950. " * 3,
-]
+PROMPTS = MIXED_PROMPTS
 ENGINE_KW = dict(dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
 # block_size 32 (CPU default 128) so the ~40-token shared prefixes fill cacheable blocks
 CHUNKED_KW = dict(enable_prefix_caching=True, enable_chunked_prefill=True,
@@ -59,3 +53,48 @@ def assert_greedy_matches(engine_tokens, ref, prompts, max_new_tokens) -> int:
             f"with a clear reference margin {margin:.3g}")
         ties += 1
     return ties
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_cmd(*args):
+    return [sys.executable, "-m", "uld_vllm.cli", "serve", *args]
+
+
+@contextlib.contextmanager
+def running_server(*args, log: Path, timeout: float = 300):
+    """``uld-vllm serve ARGS`` on a free local port until /health answers; yields its base URL
+    and stops it afterwards. Its output goes to ``log`` (quoted when it fails to start)."""
+    import httpx
+    import pytest
+
+    port = free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(serve_cmd(*args, "--host", "127.0.0.1", "--port", str(port)),
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited early:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"server did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -4,15 +4,11 @@ equal its teacher-forced scores, and `uld-vllm serve` (model given by its short 
 /v1/chat/completions with the offline engine's text."""
 
 import json
-import os
-import subprocess
-import time
 
 import httpx
 import pytest
 import torch
-from engine_helpers import assert_greedy_matches, shutdown
-from test_server import free_port, serve_cmd
+from engine_helpers import assert_greedy_matches, running_server, shutdown
 
 from uld_vllm.core.prompts import PromptFormatter
 from uld_vllm.core.reference import ReferenceDecoder
@@ -128,26 +124,10 @@ def test_prompt_logprobs_equal_reference_scores(adapter, prompts, run):
         torch.testing.assert_close(torch.tensor(got), want.float(), atol=2e-3, rtol=1e-4)
 
 
-def test_serve_chat_answers_like_the_offline_engine(adapter, run):
-    port = free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    log = open(os.devnull, "w")
-    proc = subprocess.Popen(serve_cmd(NAME, "--uld-adapter", str(adapter), "--host",
-                                      "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                                      "--max-model-len", "512", "--enforce-eager"),
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, "server exited early"
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(1)
+def test_serve_chat_answers_like_the_offline_engine(adapter, run, tmp_path):
+    with running_server(NAME, "--uld-adapter", str(adapter), "--dtype", "float32",
+                        "--max-model-len", "512", "--enforce-eager",
+                        log=tmp_path / "server.log") as base:
         models = httpx.get(f"{base}/v1/models", timeout=30).json()
         assert [m["id"] for m in models["data"]] == [NAME]  # the short name is served
         for i, q in enumerate(QUESTIONS[:2]):
@@ -156,10 +136,3 @@ def test_serve_chat_answers_like_the_offline_engine(adapter, run):
                 "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True})
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["message"]["content"] == run[0.01][1][i]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()

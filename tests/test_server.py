@@ -2,13 +2,11 @@
 
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 
 import httpx
 import pytest
+from engine_helpers import free_port, running_server, serve_cmd
 
 from uld_vllm.core.reference import ReferenceDecoder
 
@@ -19,51 +17,16 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
                  "assistant:")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_cmd(*args):
-    return [sys.executable, "-m", "uld_vllm.cli", "serve", *args]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_llama, llama_adapter, tmp_path_factory):
     tpl = tmp_path_factory.mktemp("tpl") / "chat.jinja"
     tpl.write_text(CHAT_TEMPLATE)
-    port = free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            serve_cmd(str(tiny_llama), "--uld-adapter", str(llama_adapter), "--uld-alpha", "0.8",
-                      "--uld-filter-ratio", "0.1", "--host", "127.0.0.1", "--port", str(port),
-                      "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-                      "--chat-template", str(tpl), "--served-model-name", "tiny-uld"),
-            stdout=f, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited early:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+    with running_server(str(tiny_llama), "--uld-adapter", str(llama_adapter), "--uld-alpha",
+                        "0.8", "--uld-filter-ratio", "0.1", "--dtype", "float32",
+                        "--max-model-len", "512", "--enforce-eager", "--chat-template", str(tpl),
+                        "--served-model-name", "tiny-uld", log=log) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def post(base, path, body, timeout=120):

@@ -240,6 +240,28 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def add_load_args(p: argparse.ArgumentParser, *, requests: int, concurrency: int,
+                  max_tokens: int, eager_help: str):
+    """The request load of the server benchmarks (serving, soak); returns its group."""
+    w = p.add_argument_group("load")
+    w.add_argument("--requests", type=int, default=requests, help="requests per server")
+    w.add_argument("--concurrency", type=int, default=concurrency,
+                   help="requests in flight at most")
+    w.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help="generated tokens per request")
+    w.add_argument("--tofu-dir", default=None, help="prompts: TOFU questions from here "
+                   "(default ../shared/data/tofu; built-in questions when absent)")
+    w.add_argument("--startup-timeout", type=float, default=600)
+    w.add_argument("--no-eager", action="store_true", help=eager_help)
+    return w
+
+
+def check_load_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    for name in ("requests", "concurrency", "max_tokens"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

@@ -44,6 +44,7 @@ import time
 import traceback
 from pathlib import Path
 
+from uld_vllm.dev.toy_data import MIXED_PROMPTS
 from uld_vllm.errors import UldError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,20 +84,7 @@ GOAL_BATCHES = (1, 32)
 CHECK_KINDS = ("greedy", "serve", "throughput", "kernel")
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "assistant:")
-_STORY = ("The author wrote about the northern sea in 1907. Her father studied the history of "
-          "science and the young poet returned to the streets of Cairo in 1921.")
-BASE_PROMPTS = [
-    "Hello",
-    "The author wrote",
-    "Question: What did the river do? Answer:",
-    "In 1907 a quiet librarian studied the history of science and",
-    _STORY,
-    _STORY + " Question: Where was the poet born?",
-    _STORY + " Every reader never forgot",
-    "12 13 14 15",
-    "An old sailor dreamed of mountain villages",
-    "The committee published a book on the art of translation in 1950. " * 3,
-]
+BASE_PROMPTS = MIXED_PROMPTS
 
 
 # ----------------------------------------------------------------------------- reporting

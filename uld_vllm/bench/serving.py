@@ -31,19 +31,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_bench_model_args(p)
-    w = p.add_argument_group("load")
-    w.add_argument("--requests", type=int, default=64, help="requests per server")
-    w.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
-    w.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request")
-    w.add_argument("--tofu-dir", default=None, help="prompts: TOFU questions from here "
-                   "(default ../shared/data/tofu; built-in questions when absent)")
-    w.add_argument("--startup-timeout", type=float, default=600)
-    w.add_argument("--no-eager", action="store_true",
-                   help="let vLLM compile / use CUDA graphs (default: --enforce-eager, both)")
+    common.add_load_args(p, requests=64, concurrency=8, max_tokens=64,
+                         eager_help="let vLLM compile / use CUDA graphs (default: "
+                                    "--enforce-eager, both)")
     a = p.parse_args(argv)
-    for name in ("requests", "concurrency", "max_tokens"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    common.check_load_args(p, a)
     return a
 
 

@@ -166,22 +166,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_bench_model_args(p)
-    w = p.add_argument_group("load")
-    w.add_argument("--requests", type=int, default=200)
-    w.add_argument("--concurrency", type=int, default=16)
-    w.add_argument("--max-tokens", type=int, default=32)
+    w = common.add_load_args(p, requests=200, concurrency=16, max_tokens=32,
+                             eager_help="let vLLM compile / use CUDA graphs (default: "
+                                        "--enforce-eager)")
     w.add_argument("--cut-fraction", type=float, default=0.3)
     w.add_argument("--bad-fraction", type=float, default=0.1)
     w.add_argument("--seed", type=int, default=0, help="fixes which requests are cut or bad")
-    w.add_argument("--tofu-dir", default=None, help="prompts: TOFU questions from here "
-                   "(default ../shared/data/tofu; built-in questions when absent)")
-    w.add_argument("--startup-timeout", type=float, default=600)
-    w.add_argument("--no-eager", action="store_true",
-                   help="let vLLM compile / use CUDA graphs (default: --enforce-eager)")
     a = p.parse_args(argv)
-    for name in ("requests", "concurrency", "max_tokens"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    common.check_load_args(p, a)
     if not (0 <= a.cut_fraction and 0 <= a.bad_fraction and a.cut_fraction + a.bad_fraction
             <= 1):
         p.error("--cut-fraction and --bad-fraction must be >= 0 and add up to at most 1")

@@ -29,3 +29,20 @@ def builtin_authors() -> list[list[dict]]:
     return out
 
 
+
+
+# mixed lengths; several share long prefixes so prefix caching has something to hit
+_STORY = ("The author wrote about the northern sea in 1907. Her father studied the history of "
+          "science and the young poet returned to the streets of Cairo in 1921.")
+MIXED_PROMPTS = [
+    "Hello",
+    "The author wrote",
+    "Question: What did the river do? Answer:",
+    "In 1907 a quiet librarian studied the history of science and",
+    _STORY,
+    _STORY + " Question: Where was the poet born?",
+    _STORY + " Every reader never forgot",
+    "12 13 14 15",
+    "An old sailor dreamed of mountain villages",
+    "The committee published a book on the art of translation in 1950. " * 3,
+]
