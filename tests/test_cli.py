@@ -1,3 +1,5 @@
+import pytest
+
 """The console script: subcommands exist, errors are one line with exit status 2."""
 
 import subprocess
@@ -15,6 +17,7 @@ def test_help_lists_every_subcommand():
         assert cmd in out
 
 
+@pytest.mark.slow
 def test_make_tiny_model_and_random_adapter(tmp_path):
     r = run("make-tiny-model", str(tmp_path / "m"), "--arch", "qwen2", "--layers", "2",
             "--kv-heads", "2", "--vocab", "600", "--seed", "3")

@@ -105,6 +105,7 @@ def _check_probes():
             assert not hasattr(model, name), f"{cls.__name__}.{name} must not exist"
 
 
+@pytest.mark.slow
 def test_serve_refuses_enable_lora_with_one_line(tiny_llama, llama_adapter):
     r = subprocess.run([sys.executable, "-m", "uld_vllm.cli", "serve", str(tiny_llama),
                         "--uld-adapter", str(llama_adapter), "--enable-lora"],
@@ -127,6 +128,7 @@ for flag in ("--help", "--help=ULD"):
 """
 
 
+@pytest.mark.slow
 def test_serve_help_lists_the_uld_flags():
     """`uld-vllm serve` is vLLM's own CLI (its parser, with the plugin's flags added)."""
     r = subprocess.run([sys.executable, "-c", HELP], capture_output=True, text=True,
