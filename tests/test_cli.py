@@ -1,4 +1,3 @@
-import pytest
 
 """The console script: subcommands exist, errors are one line with exit status 2."""
 
