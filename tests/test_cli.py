@@ -1,8 +1,9 @@
-
 """The console script: subcommands exist, errors are one line with exit status 2."""
 
 import subprocess
 import sys
+
+import pytest
 
 
 def run(*args, timeout=300):
