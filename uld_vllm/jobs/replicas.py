@@ -1,7 +1,7 @@
 """Data-parallel engine replicas through Ray Data: ``--replicas N``.
 
 Each replica is a Ray actor that builds one engine (possibly tensor-parallel) from an
-``EngineSpec`` and runs batches of work items through ``offline.stream``; results flow back
+``EngineSpec`` and runs batches of work items through ``jobs.stream.stream``; results flow back
 to the caller as batches finish. Items carry their key, so the output does not depend on which
 replica ran what (greedy decoding of a request is independent of what it was batched with).
 
