@@ -85,7 +85,8 @@ def launch_config(V: int, interpret: bool) -> dict:
 # which variant each op last launched with, counted: tests check that the split path really
 # ran (it must not fall back silently), the benchmark reports it
 LAUNCHES: Counter = Counter()
-PROGRAMS_PER_SM = 8  # split target: about this many programs per SM over the whole grid
+PROGRAMS_PER_SM = 8  # split target: this many programs per SM over the whole grid (8 warps
+# each: 64, a Hopper SM's limit, if registers allow; unmeasured)
 SPLIT_BLOCK = 2048   # elements per loop step of a split program (at most)
 MIN_SPLIT_BLOCK = 1024  # automatic chunks have at least this many tokens (tiny programs
 # waste their launch and merge; an explicit count may go down to 16 so tests split short rows)
@@ -109,18 +110,19 @@ def split_plan(B: int, V: int, device, split=None) -> tuple[int, int, int] | Non
 
     ``split``: ``None`` decides by shape, ``False`` never splits, ``True`` splits with the
     automatic program count, an int asks for that many programs per row (fewer only when a
-    row has fewer than 16 tokens per program). The automatic count aims at ``PROGRAMS_PER_SM``
-    programs per SM over the grid, ``S = ceil(8 * n_sm / B)``, with chunks of at least
-    ``MIN_SPLIT_BLOCK`` tokens: rows are split when ``B < 8 * n_sm`` (1056 on an H200) and a
-    row has more than ``MIN_SPLIT_BLOCK`` tokens; above that, one program per row already fills
-    the GPU and saves the merge. B = 1, V = 32000: 32 programs of 1000 tokens; B = 256,
-    V = 151936: 5 of 30400. Chunks are multiples of 16 tokens (aligned vector loads). Untuned:
-    chosen without a GPU.
+    row has fewer than 16 tokens per program). The automatic count fills one wave of
+    ``PROGRAMS_PER_SM`` programs per SM, ``S = floor(8 * n_sm / B)`` (rounding down: a second,
+    mostly empty wave would cost as much as the first), with chunks of at least
+    ``MIN_SPLIT_BLOCK`` tokens. So rows are split when ``B <= 4 * n_sm`` (528 on an H200) and a
+    row has more than ``MIN_SPLIT_BLOCK`` tokens; above that one program per row already
+    fills the GPU and saves the merge. B = 1, V = 32000: 32 programs of 1000 tokens; B = 256,
+    V = 151936: 4 of 37984. Chunks are multiples of 16 tokens (aligned vector loads).
+    Untuned: chosen without a GPU.
     """
     if split is False:
         return None
     if split is None or split is True:
-        want = -(-PROGRAMS_PER_SM * sm_count(device) // B)
+        want = max(1, PROGRAMS_PER_SM * sm_count(device) // B)
         smallest = MIN_SPLIT_BLOCK
     elif isinstance(split, int) and split >= 1:
         want, smallest = split, 1

@@ -274,8 +274,9 @@ def test_split_plan_heuristic():
     cpu = torch.device("cpu")  # decides as a 132-SM GPU (H100/H200), see _utils.sm_count
     assert kernels.split_plan(1, 32000, cpu) == (32, 1024, 1024)
     assert kernels.split_plan(32, 128256, cpu) == (33, 3888, 2048)
-    assert kernels.split_plan(256, 151936, cpu) == (5, 30400, 2048)
-    assert kernels.split_plan(1056, 151936, cpu) is None  # the batch alone fills the GPU
+    assert kernels.split_plan(256, 151936, cpu) == (4, 37984, 2048)
+    assert kernels.split_plan(528, 151936, cpu)[0] == 2
+    assert kernels.split_plan(529, 151936, cpu) is None  # the batch alone fills the GPU
     assert kernels.split_plan(1, 1000, cpu) is None  # one block: nothing to split
     assert kernels.split_plan(1, 32000, cpu, False) is None
     assert kernels.split_plan(4096, 32000, cpu, True)[0] == 1  # forced: still the split path
