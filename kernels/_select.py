@@ -4,7 +4,9 @@ The plausibility filter needs ``kth_largest(l, k)`` per row with ``k = floor(r *
 1.3k-15k of 128k). A sort reads and writes the row ~log(V) times; instead the row is reduced
 to a radix select over order-preserving ``uint32`` keys of its fp32 values: four passes, each
 a 256-bin histogram of the next 8 key bits among the elements that still match the prefix
-found so far. The result is the exact bit pattern of the k-th largest value, so thresholds
+found so far (only two for a bf16 row and three for fp16: the low 16 / 13 bits of their fp32
+keys are known, see ``_complete_key``). The result is the exact bit pattern of the k-th
+largest value, so thresholds
 (and hence greedy token ids) equal the torch reference bit for bit. The first pass is fused
 with the row max by the caller, and the later passes are skipped as soon as the prefix proves
 that the k-th largest value lies above ``max + ln r`` (then the ratio test decides alone).
@@ -90,22 +92,23 @@ def _pick_digit(hist, k_rem, prefix, SHIFT: tl.constexpr):
 
 @triton.jit
 def _kth_key(l_row, a_row, V, k, hist, floor_key, thr, alpha,
-             ON_SCORES: tl.constexpr, BLOCK: tl.constexpr):
+             ON_SCORES: tl.constexpr, BLOCK: tl.constexpr, NPASS: tl.constexpr):
     """Key of the k-th largest value of a row (1 <= k <= V), given the histogram of its top
     8 key bits. Stops early, returning a partial key above ``floor_key``, once the k-th
     largest value is known to exceed ``floor_key`` (the caller only needs ``min`` with it).
     """
     prefix, k_rem = _pick_digit(hist, k, tl.zeros((), tl.uint32), 24)
-    for p in tl.static_range(1, 4):
+    for p in tl.static_range(1, NPASS):
         if prefix <= floor_key:
             hist = _hist_pass(l_row, a_row, V, prefix, thr, alpha, 24 - 8 * p, ON_SCORES, BLOCK)
             prefix, k_rem = _pick_digit(hist, k_rem, prefix, 24 - 8 * p)
-    return prefix
+    return _complete_key(prefix, NPASS)
 
 
 @triton.jit
-def _row_threshold(l_row, V, k, ln_r, BLOCK: tl.constexpr):
-    """``min(kth_largest(l, k), max(l) + ln r)`` of one row, bit-exact to the torch reference."""
+def _row_threshold(l_row, V, k, ln_r, BLOCK: tl.constexpr, NPASS: tl.constexpr):
+    """``min(kth_largest(l, k), max(l) + ln r)`` of one row, bit-exact to the torch reference.
+    ``NPASS``: radix passes the target's dtype needs (``key_passes``)."""
     m = tl.full((), float("-inf"), tl.float32)
     hist = tl.zeros((NBINS,), tl.int32)
     for start in range(0, V, BLOCK):
@@ -116,7 +119,7 @@ def _row_threshold(l_row, V, k, ln_r, BLOCK: tl.constexpr):
         hist += tl.histogram((_to_key(l) >> 24).to(tl.int32), NBINS, mask=inb)
     ratio_thr = m + ln_r
     key = _kth_key(l_row, l_row, V, k, hist, _to_key(ratio_thr), ratio_thr, ratio_thr,
-                   False, BLOCK)
+                   False, BLOCK, NPASS)
     return tl.minimum(_from_key(key), ratio_thr)
 
 
@@ -125,7 +128,7 @@ def _score_floor(l_row, a_row, V, top_k, thr, alpha, BLOCK: tl.constexpr):
     """The top_k-th largest generate-mode score of a row (ties at it are all kept)."""
     hist = _hist_pass(l_row, a_row, V, tl.zeros((), tl.uint32), thr, alpha, 24, True, BLOCK)
     never = tl.full((), 0xFFFFFFFF, tl.uint32)
-    return _from_key(_kth_key(l_row, a_row, V, top_k, hist, never, thr, alpha, True, BLOCK))
+    return _from_key(_kth_key(l_row, a_row, V, top_k, hist, never, thr, alpha, True, BLOCK, 4))
 
 
 # --- split-row selection: several programs per row --------------------------------------------

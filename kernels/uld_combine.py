@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._select import STATE_WORDS, _row_threshold, _scores, split_select
+from ._select import STATE_WORDS, _row_threshold, _scores, key_passes, split_select
 from ._utils import (
     LAUNCHES,
     check_logits,
@@ -31,13 +31,14 @@ MODES = ("generate", "score")
 
 @triton.jit
 def _uld_filter_kernel(l_ptr, a_ptr, out_ptr, alpha_ptr, stride_l, stride_a, stride_o, V, k,
-                       ln_r, SCORE_MODE: tl.constexpr, BLOCK: tl.constexpr):
+                       ln_r, SCORE_MODE: tl.constexpr, BLOCK: tl.constexpr,
+                       NPASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     l_row = l_ptr + row * stride_l
     a_row = a_ptr + row * stride_a
     out_row = out_ptr + row * stride_o
     alpha = tl.load(alpha_ptr + row)
-    thr = _row_threshold(l_row, V, k, ln_r, BLOCK)
+    thr = _row_threshold(l_row, V, k, ln_r, BLOCK, NPASS)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inb = offs < V
@@ -221,7 +222,8 @@ def uld_combine_forward(target, assistant, alpha, filter_ratio, mode, split=None
     else:
         k = max(1, math.floor(filter_ratio * V))
         _uld_filter_kernel[(B,)](*args, k, math.log(filter_ratio),
-                                 SCORE_MODE=mode == "score", **config)
+                                 SCORE_MODE=mode == "score", NPASS=key_passes(target.dtype),
+                                 **config)
     return out
 
 

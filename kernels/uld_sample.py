@@ -18,7 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._select import STATE_WORDS, _row_threshold, _score_floor, _scores, split_select
+from ._select import (
+    STATE_WORDS,
+    _row_threshold,
+    _score_floor,
+    _scores,
+    key_passes,
+    split_select,
+)
 from ._utils import (
     LAUNCHES,
     check_logits,
@@ -33,7 +40,7 @@ from ._utils import (
 @triton.jit
 def _uld_sample_kernel(l_ptr, a_ptr, ids_ptr, alpha_ptr, temp_ptr, seed_ptr, top_k_ptr,
                        stride_l, stride_a, V, k, ln_r, FILTER: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, NPASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     l_row = l_ptr + row * stride_l
     a_row = a_ptr + row * stride_a
@@ -41,7 +48,7 @@ def _uld_sample_kernel(l_ptr, a_ptr, ids_ptr, alpha_ptr, temp_ptr, seed_ptr, top
     temp = tl.load(temp_ptr + row)
     top_k = tl.load(top_k_ptr + row)
     if FILTER:
-        thr = _row_threshold(l_row, V, k, ln_r, BLOCK)
+        thr = _row_threshold(l_row, V, k, ln_r, BLOCK, NPASS)
     else:
         thr = tl.full((), float("-inf"), tl.float32)
     floor = tl.full((), float("-inf"), tl.float32)
@@ -187,7 +194,7 @@ def uld_sample_forward(target, assistant, alpha, filter_ratio, temperature, seed
     ln_r = math.log(filter_ratio) if filter_ratio > 0 else 0.0
     _uld_sample_kernel[(B,)](target, assistant, ids, alpha_vec, temp, seed_vec, top_k_vec,
                              target.stride(0), assistant.stride(0), V, k, ln_r,
-                             FILTER=filter_ratio > 0,
+                             FILTER=filter_ratio > 0, NPASS=key_passes(target.dtype),
                              **launch_config(V, interpret))
     return ids
 

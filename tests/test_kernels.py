@@ -479,11 +479,13 @@ AOT = """
         comb = dict(io, out_ptr="*fp32", **base, stride_o="i32")
         samp = dict(io, ids_ptr="*i64", temp_ptr="*fp32", seed_ptr="*i64", top_k_ptr="*i32",
                     **base)
-        jobs = [(_uld_filter_kernel, dict(comb, **filt, SCORE_MODE="constexpr"),
-                 dict(SCORE_MODE=dt == "bf16", BLOCK=4096)),
+        npass = 2 if dt == "bf16" else 4  # key_passes: the radix passes the dtype needs
+        jobs = [(_uld_filter_kernel, dict(comb, **filt, SCORE_MODE="constexpr",
+                                          NPASS="constexpr"),
+                 dict(SCORE_MODE=dt == "bf16", BLOCK=4096, NPASS=npass)),
                 (_uld_logprob_kernel, comb, dict(BLOCK=4096)),
-                (_uld_sample_kernel, dict(samp, **filt, FILTER="constexpr"),
-                 dict(FILTER=dt == "bf16", BLOCK=4096))]
+                (_uld_sample_kernel, dict(samp, **filt, FILTER="constexpr", NPASS="constexpr"),
+                 dict(FILTER=dt == "bf16", BLOCK=4096, NPASS=npass))]
         # split-row: the radix pass (threshold with the row max; top-k floor on scores), the
         # writes, the r == 0 stages and the sampler's merge
         chunked = dict(io, stride_l="i64", stride_a="i32", V="i32", CHUNK="i32", S="i32",
