@@ -249,6 +249,25 @@ def test_split_row_matches_reference(case):
     assert torch.equal(ids, uld_logits(l, a, alpha=alpha, filter_ratio=r).argmax(-1))
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_fewer_radix_passes_exact_on_negative_thresholds(dtype):
+    """bf16/fp16 targets stop the radix select after 2/3 passes (the key's remaining bits are
+    known: zero for a positive value, set for a negative one); masks stay exact when the k-th
+    largest value is negative and tied."""
+    g = torch.Generator().manual_seed(21)
+    l = (-(torch.randn(3, 999, generator=g).abs() * 3) - 1).to(DEV, dtype)
+    l[1, ::7] = l[1, 500]  # many ties, one of them likely at the k-th place
+    a = torch.randn(3, 999, generator=g).to(DEV, dtype)
+    want = uld_logits(l, a, alpha=0.7, filter_ratio=0.5, mode="score")
+    kth = l.float().topk(499, dim=-1).values[:, -1]
+    assert bool((kth < 0).all()) and bool((kth < l.float().max(-1).values - 0.7).all())
+    for split in (False, 3):
+        got = uld_combine(l, a, alpha=0.7, filter_ratio=0.5, mode="score", split=split)
+        assert_logits_match(got, want, dtype, EXACT)
+        assert torch.equal(uld_sample(l, a, alpha=0.7, filter_ratio=0.5, split=split),
+                           uld_logits(l, a, alpha=0.7, filter_ratio=0.5).argmax(-1))
+
+
 def test_split_row_samples_the_same_draws():
     """Sampling, top-k (per row: off, 1, 3, V = off, 50) and the -inf rules: the split variant
     draws exactly the ids of one program per row (the noise depends on seed and token only)."""
