@@ -88,6 +88,7 @@ LAUNCHES: Counter = Counter()
 PROGRAMS_PER_SM = 8  # split target: this many programs per SM over the whole grid (8 warps
 # each: 64, a Hopper SM's limit, if registers allow; unmeasured)
 SPLIT_BLOCK = 2048   # elements per loop step of a split program (at most)
+MAX_SPLIT = 1024  # programs per row at most (the row's last program reduces S partials)
 MIN_SPLIT_BLOCK = 1024  # automatic chunks have at least this many tokens (tiny programs
 # waste their launch and merge; an explicit count may go down to 16 so tests split short rows)
 _SM_COUNT: dict = {}
@@ -110,13 +111,14 @@ def split_plan(B: int, V: int, device, split=None) -> tuple[int, int, int] | Non
 
     ``split``: ``None`` decides by shape, ``False`` never splits, ``True`` splits with the
     automatic program count, an int asks for that many programs per row (fewer only when a
-    row has fewer than 16 tokens per program). The automatic count fills one wave of
-    ``PROGRAMS_PER_SM`` programs per SM, ``S = floor(8 * n_sm / B)`` (rounding down: a second,
-    mostly empty wave would cost as much as the first), with chunks of at least
-    ``MIN_SPLIT_BLOCK`` tokens. So rows are split when ``B <= 4 * n_sm`` (528 on an H200) and a
-    row has more than ``MIN_SPLIT_BLOCK`` tokens; above that one program per row already
-    fills the GPU and saves the merge. B = 1, V = 32000: 32 programs of 1000 tokens; B = 256,
-    V = 151936: 4 of 37984. Chunks are multiples of 16 tokens (aligned vector loads).
+    row has fewer than 16 tokens per program, and at most ``MAX_SPLIT``). The automatic
+    count fills one wave of ``PROGRAMS_PER_SM`` programs per SM, ``S = floor(8 * n_sm / B)``
+    (rounding down: a second, mostly empty wave would cost as much as the first), with chunks
+    of at least ``MIN_SPLIT_BLOCK`` tokens. So rows are split when ``B <= 4 * n_sm`` (528 on
+    an H200) and a row has more than ``MIN_SPLIT_BLOCK`` tokens; above that one program per
+    row already fills the GPU and saves the merge. B = 1, V = 32000: 32 programs of 1000
+    tokens; B = 256, V = 151936: 4 of 37984. Chunks are multiples of 16 tokens (aligned
+    vector loads).
     Untuned: chosen without a GPU.
     """
     if split is False:
@@ -128,7 +130,7 @@ def split_plan(B: int, V: int, device, split=None) -> tuple[int, int, int] | Non
         want, smallest = split, 1
     else:
         raise ValueError(f"split must be None, a bool or a positive int, got {split!r}")
-    share = max(-(-V // want), smallest)
+    share = max(-(-V // min(want, MAX_SPLIT)), smallest)
     chunk = -(-share // 16) * 16
     block = min(SPLIT_BLOCK, triton.next_power_of_2(chunk))
     S = -(-V // chunk)

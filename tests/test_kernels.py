@@ -301,6 +301,7 @@ def test_split_plan_heuristic():
     assert kernels.split_plan(4096, 32000, cpu, True)[0] == 1  # forced: still the split path
     assert kernels.split_plan(3, 4099, cpu, 4) == (4, 1040, 2048)  # the count asked for
     assert kernels.split_plan(1, 100, cpu, 64) == (7, 16, 16)  # but >= 16 tokens a chunk
+    assert 900 < kernels.split_plan(1, 151936, cpu, 10**6)[0] <= 1024  # and <= 1024 programs
     for B, V, split in ((1, 1, 3), (7, 4099, 3), (3, 17, 64), (256, 151936, None),
                         (1, 128256, None)):
         S, chunk, block = kernels.split_plan(B, V, cpu, split)
