@@ -234,7 +234,8 @@ def _split_pass_kernel(l_ptr, a_ptr, stride_l, stride_a, V, CHUNK, S, k, top_k_p
                     ratio_thr = tl.max(pm, 0) + ln_r
                 else:
                     ratio_thr = tl.load(state + 3).to(tl.float32, bitcast=True)
-                # the k-th largest lies above max + ln r: the ratio test decides alone
+                # stop once the prefix proves the k-th largest lies above max + ln r (the
+                # ratio test decides alone), or when the dtype's passes are done
                 more = (prefix <= _to_key(ratio_thr)) & (PASS + 1 < NPASS)
                 value = tl.where(more, ratio_thr,
                                  tl.minimum(_from_key(_complete_key(prefix, NPASS)), ratio_thr))
@@ -247,8 +248,6 @@ def _split_pass_kernel(l_ptr, a_ptr, stride_l, stride_a, V, CHUNK, S, k, top_k_p
 def key_passes(dtype) -> int:
     """Radix passes that determine an fp32 key exactly for values of ``dtype``: an fp32 key has
     32 bits, but a bf16 value's low 16 and an fp16 value's low 13 are zero."""
-    import torch
-
     return {torch.bfloat16: 2, torch.float16: 3}.get(dtype, 4)
 
 

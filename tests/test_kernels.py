@@ -434,11 +434,15 @@ def test_engine_dense_path_uses_kernel(monkeypatch):
     calls = []
     module = sys.modules["uld_vllm.kernels.uld_combine"]
     monkeypatch.setattr(module, "uld_combine_forward", _spy(module.uld_combine_forward, calls))
+    # the engine passes no split: at 5 x 1271 the shape heuristic splits each row in two
+    assert kernels.split_plan(5, 1271, torch.device("cpu")) == (2, 1024, 1024)
     for r, mode in ((0.01, "generate"), (0.1, "score"), (0.0, "generate")):
         c = combine.UldCombiner(SimpleNamespace(alpha=0.8, filter_ratio=r, mode=mode,
                                                 backend="auto"))
         assert c.backend == "triton"
-        got = c(lambda _, h: h @ W.T, None, h_t, h_a)
+        with launched("combine") as n:
+            got = c(lambda _, h: h @ W.T, None, h_t, h_a)
+        assert n.only("split")
         both = torch.cat([h_t, h_a]) @ W.T  # the same GEMM as the engine: same rounding
         want = uld_logits(both[:5], both[5:], alpha=0.8, filter_ratio=r, mode=mode)
         assert_logits_match(got, want, F32, exact=r > 0)
