@@ -1,10 +1,15 @@
 """Fused ULD combine: plausibility filter + logit difference -> combined logits.
 
-Same result as ``uld_vllm.logits.uld_logits`` (see its docstring for the rule). One program
-per row; with ``r > 0`` it reads the target row for the max and a radix select of the k-th
-largest logit (``_select.py``; usually two to four passes that stay in L2), then reads both
-rows once and writes the output once. With ``r == 0`` it computes both log-sum-exps online in
-one pass and writes in a second.
+Same result as ``uld_vllm.logits.uld_logits`` (see its docstring for the rule). Two launch
+variants, chosen by shape (``_utils.split_plan``) or by ``split=``:
+
+* one program per row: with ``r > 0`` it reads the target row for the max and a radix select
+  of the k-th largest logit (``_select.py``; one to four passes, as the dtype and the ratio
+  test allow), then reads both rows once and writes the output once. With ``r == 0`` it
+  computes both log-sum-exps online in one pass and writes in a second.
+* split-row, S programs per row over vocabulary chunks: one launch per radix pass with the
+  rows' histograms merged on the device (``_select.split_select``), then one write launch;
+  with ``r == 0`` per-chunk log-sum-exp states, merged by the writing programs.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ row's seed and the token index, which samples ``softmax(s / T)`` exactly and rep
 With ``filter_ratio == 0`` the combined logits are ``log_softmax(l) - alpha*log_softmax(a)``,
 which differ from ``l - alpha*a`` by a per-row constant; argmax and softmax ignore it, so that
 path samples ``l - alpha*a`` and needs no log-sum-exp pass.
+
+Split-row variant (as in ``uld_combine``): the threshold and the top-k floor by split
+selections, then per-chunk best (score, first index) merged by each row's last program.
 """
 
 from __future__ import annotations
