@@ -1,21 +1,28 @@
 """Fused ULD kernels vs the torch reference: time and achieved memory bandwidth, one GPU.
 
     python benchmarks/bench_kernel.py [--dtype bfloat16] [--filter-ratio 0.01] [--out F.json]
+    python benchmarks/bench_kernel.py --variant split --split-programs 8   # one variant
     python benchmarks/bench_kernel.py --interpret     # no GPU: a CPU correctness smoke only
 
-For each B in {1, 32, 256} and V in {32000, 128256, 151936} it checks that ``uld_combine``
-equals ``uld_logits`` and that greedy ``uld_sample`` equals its argmax, then times both
-(CUDA events, median of --iters). Bytes moved are counted as the minimum any implementation
-must move: both inputs read once and the fp32 output written once, ``2*B*V*elem + 4*B*V``
-(``2*B*V*elem`` for sampling, which writes only ids); the kernel's repeated passes over the
-target row for the selection are meant to hit L2, so GB/s near the peak means it does.
-Real numbers need CUDA; without it the script says so and, with --interpret, runs a tiny
-correctness smoke in the Triton interpreter (no timings: they would mean nothing).
+For each B in {1, 32, 256} and V in {32000, 128256, 151936} and each launch variant
+(``--variant``: ``row`` = one program per row, ``split`` = several programs per row, ``auto``
+= what the kernels pick by shape; default ``all`` = row and split) it checks that
+``uld_combine`` equals ``uld_logits`` and that greedy ``uld_sample`` equals its argmax, then
+times both (CUDA events, median of --iters; the torch reference once per shape). Bytes moved
+are counted as the minimum any implementation must move: both inputs read once and the fp32
+output written once, ``2*B*V*elem + 4*B*V`` (``2*B*V*elem`` for sampling, which writes only
+ids); the kernels' repeated passes over the target row for the selection are extra traffic
+(or L2 hits), so GB/s near the peak means they cost little. GB/s and % of HBM peak are
+reported per variant (the ``variant`` column shows what ran: ``row`` or ``split/S``).
+Real numbers need CUDA; without it the script exits with status 2 saying so, unless
+--interpret asks for a tiny correctness smoke in the Triton interpreter (no timings: they
+would mean nothing there).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -24,9 +31,10 @@ import sys
 BATCHES = (1, 32, 256)
 VOCABS = (32000, 128256, 151936)
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0}
+VARIANTS = ("row", "split", "auto", "all")
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--filter-ratio", type=float, default=0.01)
@@ -37,13 +45,38 @@ def parse_args():
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--vocabs", type=int, nargs="+", default=list(VOCABS))
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--variant", choices=VARIANTS, default="all",
+                   help="launch variant: row = one program per row, split = several per row, "
+                        "auto = chosen by shape, all = row and split (default)")
+    p.add_argument("--split-programs", type=int, default=None, metavar="S",
+                   help="programs per row for the split variant (default: the automatic count)")
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="HBM peak for the %% column (default by GPU name: " +
                         ", ".join(f"{k} {v:g}" for k, v in PEAK_GBPS.items()) + ")")
     p.add_argument("--interpret", action="store_true",
                    help="without CUDA: run a tiny correctness smoke in the Triton interpreter")
     p.add_argument("--out", default="bench_kernel.json")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    if args.split_programs is not None and args.split_programs < 1:
+        p.error("--split-programs must be >= 1")
+    if args.iters < 1:
+        p.error("--iters must be >= 1")
+    return args
+
+
+def variant_splits(args) -> dict:
+    """variant name -> the ``split`` argument of the kernels."""
+    split = {"row": False, "split": args.split_programs or True, "auto": None}
+    names = ("row", "split") if args.variant == "all" else (args.variant,)
+    return {name: split[name] for name in names}
+
+
+def launched_as(B, V, device, split) -> str:
+    """What the kernels run for ``split`` at this shape: ``row`` or ``split/S``."""
+    from uld_vllm import kernels
+
+    plan = kernels.split_plan(B, V, device, split)
+    return "row" if plan is None else f"split/{plan[0]}"
 
 
 def make_inputs(B, V, dtype, scale, device):
@@ -55,18 +88,18 @@ def make_inputs(B, V, dtype, scale, device):
     return l.to(dtype), a.to(dtype)
 
 
-def check(l, a, args) -> bool:
+def check(l, a, args, split=None) -> bool:
     import torch
 
     from uld_vllm import kernels
     from uld_vllm.core.logits import uld_logits
 
     kw = dict(alpha=args.alpha, filter_ratio=args.filter_ratio)
-    got, want = kernels.uld_combine(l, a, **kw), uld_logits(l, a, **kw)
+    got, want = kernels.uld_combine(l, a, split=split, **kw), uld_logits(l, a, **kw)
     same_mask = torch.equal(got == float("-inf"), want == float("-inf"))
     fin = want != float("-inf")
     close = torch.allclose(got[fin], want[fin], atol=1e-5, rtol=1e-5)
-    greedy = torch.equal(kernels.uld_sample(l, a, **kw), want.argmax(-1))
+    greedy = torch.equal(kernels.uld_sample(l, a, split=split, **kw), want.argmax(-1))
     return bool(same_mask and close and greedy)
 
 
@@ -86,15 +119,16 @@ def cuda_time_ms(fn, iters) -> float:
     return statistics.median(times)
 
 
-def timed_ops(t, s, kw, nbytes_io, nbytes_out):
+def timed_ops(t, s, kw, nbytes_io, nbytes_out, split=None):
     """op -> (reference, kernel, bytes moved), bound to this shape's inputs."""
     from uld_vllm import kernels
     from uld_vllm.core.logits import uld_logits
 
-    return {"combine": (lambda: uld_logits(t, s, **kw), lambda: kernels.uld_combine(t, s, **kw),
+    return {"combine": (lambda: uld_logits(t, s, **kw),
+                        lambda: kernels.uld_combine(t, s, split=split, **kw),
                         nbytes_io + nbytes_out),
             "greedy": (lambda: uld_logits(t, s, **kw).argmax(-1),
-                       lambda: kernels.uld_sample(t, s, **kw), nbytes_io)}
+                       lambda: kernels.uld_sample(t, s, split=split, **kw), nbytes_io)}
 
 
 def run_cuda(args) -> None:
@@ -105,34 +139,45 @@ def run_cuda(args) -> None:
     dtype = getattr(torch, args.dtype)
     elem = torch.empty((), dtype=dtype).element_size()
     kw = dict(alpha=args.alpha, filter_ratio=args.filter_ratio)
+    variants = variant_splits(args)
+    device = torch.device("cuda")
     print(f"GPU: {name}; dtype {args.dtype}, r = {args.filter_ratio}, alpha = {args.alpha}, "
-          f"logit std {args.logit_scale}; peak {peak or '?'} GB/s")
-    head = (f"{'op':<8}{'B':>5}{'V':>8}{'ok':>4}{'ref ms':>9}{'kernel ms':>11}{'speedup':>9}"
-            f"{'GB/s':>8}{'% peak':>8}")
+          f"logit std {args.logit_scale}; peak {peak or '?'} GB/s; variants "
+          f"{', '.join(variants)}")
+    head = (f"{'op':<8}{'variant':>10}{'B':>5}{'V':>8}{'ok':>4}{'ref ms':>9}{'kernel ms':>11}"
+            f"{'speedup':>9}{'GB/s':>8}{'% peak':>8}")
     print(head)
     print("-" * len(head))
     rows = []
     for V in args.vocabs:
         for B in args.batches:
             t, s = make_inputs(B, V, dtype, args.logit_scale, "cuda")
-            ok = check(t, s, args)
-            ops = timed_ops(t, s, kw, 2 * B * V * elem, 4 * B * V)
-            for op, (ref_fn, kernel_fn, nbytes) in ops.items():
-                ref_ms = cuda_time_ms(ref_fn, args.iters)
-                k_ms = cuda_time_ms(kernel_fn, args.iters)
-                gbps = nbytes / (k_ms * 1e-3) / 1e9
-                pct = f"{100 * gbps / peak:.0f}" if peak else "?"
-                print(f"{op:<8}{B:>5}{V:>8}{'y' if ok else 'N':>4}{ref_ms:>9.3f}{k_ms:>11.3f}"
-                      f"{ref_ms / k_ms:>8.1f}x{gbps:>8.0f}{pct:>8}")
-                rows.append(dict(op=op, B=B, V=V, matches_reference=ok, ref_ms=ref_ms,
-                                 kernel_ms=k_ms, speedup=ref_ms / k_ms, bytes=nbytes,
-                                 kernel_gbps=gbps, peak_gbps=peak,
-                                 pct_of_peak=100 * gbps / peak if peak else None))
-            del t, s, ops
+            ref_ops = timed_ops(t, s, kw, 2 * B * V * elem, 4 * B * V)
+            ref_ms = {op: cuda_time_ms(fns[0], args.iters) for op, fns in ref_ops.items()}
+            for variant, split in variants.items():
+                ok = check(t, s, args, split)
+                ran = launched_as(B, V, device, split)
+                ops = timed_ops(t, s, kw, 2 * B * V * elem, 4 * B * V, split)
+                for op, (_, kernel_fn, nbytes) in ops.items():
+                    k_ms = cuda_time_ms(kernel_fn, args.iters)
+                    gbps = nbytes / (k_ms * 1e-3) / 1e9
+                    pct = f"{100 * gbps / peak:.0f}" if peak else "?"
+                    print(f"{op:<8}{ran:>10}{B:>5}{V:>8}{'y' if ok else 'N':>4}"
+                          f"{ref_ms[op]:>9.3f}{k_ms:>11.3f}{ref_ms[op] / k_ms:>8.1f}x"
+                          f"{gbps:>8.0f}{pct:>8}")
+                    rows.append(dict(op=op, variant=variant, launched=ran, B=B, V=V,
+                                     matches_reference=ok, ref_ms=ref_ms[op], kernel_ms=k_ms,
+                                     speedup=ref_ms[op] / k_ms, bytes=nbytes, kernel_gbps=gbps,
+                                     peak_gbps=peak,
+                                     pct_of_peak=100 * gbps / peak if peak else None))
+                del ops
+            del t, s, ref_ops
             torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(dict(gpu=name, dtype=args.dtype, filter_ratio=args.filter_ratio,
-                       alpha=args.alpha, logit_scale=args.logit_scale, rows=rows), f, indent=2)
+                       alpha=args.alpha, logit_scale=args.logit_scale, variant=args.variant,
+                       split_programs=args.split_programs, command=" ".join(sys.argv),
+                       date=datetime.date.today().isoformat(), rows=rows), f, indent=2)
     print(f"wrote {args.out}")
     if not all(r["matches_reference"] for r in rows):
         sys.exit("some shapes did not match the torch reference (column ok = N)")
@@ -144,18 +189,22 @@ def run_interpret_smoke(args) -> None:
     dtype = getattr(torch, args.dtype)
     print("Triton interpreter smoke (CPU; correctness only, no timings):")
     ok = True
-    for B, V in ((3, 1271), (2, 4099)):
-        l, a = make_inputs(B, V, dtype, args.logit_scale, "cpu")
-        good = check(l, a, args)
-        ok &= good
-        print(f"  B={B} V={V} {args.dtype} r={args.filter_ratio}: "
-              f"{'matches uld_logits' if good else 'MISMATCH'}")
+    for variant, split in variant_splits(args).items():
+        for B, V in ((3, 1271), (2, 4099)):
+            l, a = make_inputs(B, V, dtype, args.logit_scale, "cpu")
+            # the automatic count splits these short rows too little to show: 3 per row
+            split_here = 3 if split is True else split
+            good = check(l, a, args, split_here)
+            ok &= good
+            ran = launched_as(B, V, torch.device("cpu"), split_here)
+            print(f"  {variant} ({ran}) B={B} V={V} {args.dtype} r={args.filter_ratio}: "
+                  f"{'matches uld_logits' if good else 'MISMATCH'}")
     if not ok:
         sys.exit(1)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.interpret:
         # read when the kernels are decorated: must precede the first triton import
         os.environ["TRITON_INTERPRET"] = "1"
@@ -164,13 +213,15 @@ def main() -> None:
     if torch.cuda.is_available() and not args.interpret:
         run_cuda(args)
         return
-    print("bench_kernel: no CUDA device, so no timings or GB/s: the kernels' numbers only mean "
-          "something on a GPU (run this script on one). On CPU they only run in the Triton "
-          "interpreter, whose speed says nothing about the GPU.")
     if args.interpret:
+        print("bench_kernel: --interpret: no timings or GB/s (the interpreter's speed says "
+              "nothing about a GPU)")
         run_interpret_smoke(args)
-    else:
-        print("Pass --interpret for a CPU correctness smoke on tiny shapes.")
+        return
+    print("bench_kernel: no CUDA device, so nothing to time: the kernels' ms, GB/s and % of "
+          "HBM peak only mean something on a GPU (run this script on one). For a CPU "
+          "correctness smoke in the Triton interpreter pass --interpret.", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Runs on CPU in the Triton interpreter: TRITON_INTERPRET must be set before trito
 imported (the flag is read when kernels are decorated). With ``ULD_KERNEL_TEST_DEVICE=cuda``
 the same tests run the compiled kernels on a GPU instead (no interpreter). Shapes are small
 because the interpreter pays per op; a separate test compiles every kernel for sm_90 (no GPU
-needed) so code that only the interpreter accepts cannot slip through.
+needed) so code that only the interpreter accepts cannot slip through. Both launch variants
+(one program per row, split-row) are tested, each call asserting which one ran.
 """
 
 import os
@@ -24,6 +25,7 @@ from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from uld_vllm import kernels  # noqa: E402
 from uld_vllm.core.logits import uld_logits  # noqa: E402
@@ -139,19 +141,53 @@ def case_id(c):
             + ("-ties" if ties else "") + ("-inf" if neg_inf else ""))
 
 
+# the launch variants every reference case runs in: one program per row, and split-row with
+# three programs per row (chunks of 432 / 1376 / 10672 tokens for V = 1271 / 4099 / 32000:
+# none a whole number of loop steps, six steps per chunk at V = 32000)
+VARIANTS = {"row": False, "split3": 3}
+
+
+class launched:
+    """Counts the variants ``op`` launched with inside the block, so a test can assert that
+    the split path really ran (a silent fallback to one program per row would still pass)."""
+
+    def __init__(self, op):
+        self.op = op
+
+    def __enter__(self):
+        self.before = dict(kernels.LAUNCHES)
+        return self
+
+    def __exit__(self, *exc):
+        self.counts = {v: kernels.LAUNCHES[self.op, v] - self.before.get((self.op, v), 0)
+                       for v in ("row", "split")}
+
+    def only(self, variant):
+        other = "row" if variant == "split" else "split"
+        return self.counts[variant] > 0 and self.counts[other] == 0
+
+
+def variant_name(split):
+    return "row" if split is False else "split"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_combined_logits_match_reference(case):
+def test_combined_logits_match_reference(case, variant):
     B, V, r, dtype, mode, ties, neg_inf, alpha = case
     l, a = make_logits(B, V, dtype, seed=V + B, ties=ties, neg_inf=neg_inf)
     alpha = row_alpha(B, alpha)
-    got = uld_combine(l, a, alpha=alpha, filter_ratio=r, mode=mode)
+    with launched("combine") as n:
+        got = uld_combine(l, a, alpha=alpha, filter_ratio=r, mode=mode, split=VARIANTS[variant])
+    assert n.only(variant_name(VARIANTS[variant]))
     want = uld_logits(l, a, alpha=alpha, filter_ratio=r, mode=mode)
     assert_logits_match(got, want, dtype, exact=EXACT and r > 0)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("case", [c for c in CASES if c[4] == "generate" or c[2] == 0.0],
                          ids=case_id)
-def test_greedy_ids_equal_reference_argmax(case):
+def test_greedy_ids_equal_reference_argmax(case, variant):
     B, V, r, dtype, _, ties, neg_inf, alpha = case
     l, a = make_logits(B, V, dtype, seed=V + B + 1, ties=ties, neg_inf=neg_inf)
     alpha = row_alpha(B, alpha)
@@ -164,9 +200,117 @@ def test_greedy_ids_equal_reference_argmax(case):
     l[rows, (win + V // 2) % V] = l[rows, win]
     a[rows, (win + V // 2) % V] = a[rows, win]
     want = uld_logits(l, a, alpha=alpha, filter_ratio=r).argmax(-1)
-    got = uld_sample(l, a, alpha=alpha, filter_ratio=r, temperature=0.0)
+    with launched("sample") as n:
+        got = uld_sample(l, a, alpha=alpha, filter_ratio=r, temperature=0.0,
+                         split=VARIANTS[variant])
+    assert n.only(variant_name(VARIANTS[variant]))
     assert got.dtype == torch.int64
     assert torch.equal(got, want)
+
+
+# split-row on its own shapes: (B, V, r, dtype, mode, ties, neg_inf, alpha, split)
+SPLIT_CASES = [
+    (1, 1271, 0.1, F32, "generate", True, False, "float", 5),  # B = 1: 5 chunks of 256
+    (3, 4099, 0.01, BF16, "generate", False, True, "row", 4),  # -inf rows; bf16: 2 passes
+    (5, 999, 0.05, F16, "score", True, True, "row", 7),  # ties at the k-th; fp16: 3 passes
+    (6, 1500, 0.3, F32, "generate", True, True, "row", 3),  # large k: all four passes
+    (2, 4099, 0.1, F32, "score", True, False, "row", 1),  # forced split with one program
+    (4, 333, 0.0, BF16, "generate", False, True, "row", 6),  # r = 0: merged log-sum-exps
+    (1, 32000, 0.01, F32, "generate", False, False, "float", None),  # auto: 32 programs/row
+]
+
+
+def split_id(c):
+    return case_id(c[:8]) + f"-S{c[8]}"
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=split_id)
+def test_split_row_matches_reference(case):
+    """Split-row logits and greedy ids against the reference, and the split path was taken."""
+    B, V, r, dtype, mode, ties, neg_inf, alpha, split = case
+    plan = kernels.split_plan(B, V, torch.device(DEV), split)
+    assert plan is not None and plan[0] * plan[1] >= V > (plan[0] - 1) * plan[1]
+    assert split is None or plan[0] == split
+    l, a = make_logits(B, V, dtype, seed=V + 3 * B, ties=ties, neg_inf=neg_inf)
+    alpha = row_alpha(B, alpha)
+    with launched("combine") as n:
+        got = uld_combine(l, a, alpha=alpha, filter_ratio=r, mode=mode, split=split)
+    assert n.only("split")
+    want = uld_logits(l, a, alpha=alpha, filter_ratio=r, mode=mode)
+    assert_logits_match(got, want, dtype, exact=EXACT and r > 0)
+    # greedy: each row's winner copied into the last chunk, a tie the first index must win
+    ref = uld_logits(l, a, alpha=alpha, filter_ratio=r)
+    rows = torch.arange(B, device=DEV)
+    l, a = l.clone(), a.clone()
+    win = ref.argmax(-1)
+    l[rows, V - 1], a[rows, V - 1] = l[rows, win], a[rows, win]
+    with launched("sample") as n:
+        ids = uld_sample(l, a, alpha=alpha, filter_ratio=r, split=split)
+    assert n.only("split")
+    assert torch.equal(ids, uld_logits(l, a, alpha=alpha, filter_ratio=r).argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_fewer_radix_passes_exact_on_negative_thresholds(dtype):
+    """bf16/fp16 targets stop the radix select after 2/3 passes (the key's remaining bits are
+    known: zero for a positive value, set for a negative one); masks stay exact when the k-th
+    largest value is negative and tied."""
+    g = torch.Generator().manual_seed(21)
+    l = (-(torch.randn(3, 999, generator=g).abs() * 3) - 1).to(DEV, dtype)
+    l[1, ::7] = l[1, 500]  # many ties, one of them likely at the k-th place
+    a = torch.randn(3, 999, generator=g).to(DEV, dtype)
+    want = uld_logits(l, a, alpha=0.7, filter_ratio=0.5, mode="score")
+    kth = l.float().topk(499, dim=-1).values[:, -1]
+    assert bool((kth < 0).all()) and bool((kth < l.float().max(-1).values - 0.7).all())
+    for split in (False, 3):
+        got = uld_combine(l, a, alpha=0.7, filter_ratio=0.5, mode="score", split=split)
+        assert_logits_match(got, want, dtype, EXACT)
+        assert torch.equal(uld_sample(l, a, alpha=0.7, filter_ratio=0.5, split=split),
+                           uld_logits(l, a, alpha=0.7, filter_ratio=0.5).argmax(-1))
+
+
+def test_split_row_samples_the_same_draws():
+    """Sampling, top-k (per row: off, 1, 3, V = off, 50) and the -inf rules: the split variant
+    draws exactly the ids of one program per row (the noise depends on seed and token only)."""
+    B, V = 5, 1271
+    l, a = make_logits(B, V, BF16, seed=12, ties=True, neg_inf=True)
+    top_k = torch.tensor([0, 1, 3, V, 50], device=DEV)
+    alpha = row_alpha(B, "row")
+    for r, temperature, k in ((0.1, 0.8, top_k), (0.0, 1.5, None), (0.01, 0.0, top_k)):
+        kw = dict(alpha=alpha, filter_ratio=r, temperature=temperature, seeds=9, top_k=k)
+        with launched("sample") as n:
+            got = uld_sample(l, a, split=4, **kw)
+        assert n.only("split")
+        assert torch.equal(got, uld_sample(l, a, split=False, **kw))
+    ref = uld_logits(l, a, alpha=alpha, filter_ratio=0.1)
+    ids = uld_sample(l, a, alpha=alpha, filter_ratio=0.1, temperature=3.0, seeds=4,
+                     top_k=top_k, split=4)
+    assert ids[0] == 0  # row 0 is all -inf
+    third = ref.topk(3, dim=-1).values[:, -1]
+    assert ids[1] == ref[1].argmax() and ref[2, ids[2]] >= third[2]
+
+
+def test_split_plan_heuristic():
+    cpu = torch.device("cpu")  # decides as a 132-SM GPU (H100/H200), see _utils.sm_count
+    assert kernels.split_plan(1, 32000, cpu) == (32, 1024, 1024)
+    assert kernels.split_plan(32, 128256, cpu) == (33, 3888, 2048)
+    assert kernels.split_plan(256, 151936, cpu) == (4, 37984, 2048)
+    assert kernels.split_plan(528, 151936, cpu)[0] == 2
+    assert kernels.split_plan(529, 151936, cpu) is None  # the batch alone fills the GPU
+    assert kernels.split_plan(1, 1000, cpu) is None  # one block: nothing to split
+    assert kernels.split_plan(1, 32000, cpu, False) is None
+    assert kernels.split_plan(4096, 32000, cpu, True)[0] == 1  # forced: still the split path
+    assert kernels.split_plan(3, 4099, cpu, 4) == (4, 1040, 2048)  # the count asked for
+    assert kernels.split_plan(1, 100, cpu, 64) == (7, 16, 16)  # but >= 16 tokens a chunk
+    assert 900 < kernels.split_plan(1, 151936, cpu, 10**6)[0] <= 1024  # and <= 1024 programs
+    for B, V, split in ((1, 1, 3), (7, 4099, 3), (3, 17, 64), (256, 151936, None),
+                        (1, 128256, None)):
+        S, chunk, block = kernels.split_plan(B, V, cpu, split)
+        assert chunk % 16 == 0 and S * chunk >= V > (S - 1) * chunk  # chunks tile the row
+        assert block == min(2048, triton.next_power_of_2(chunk))
+    for bad in (0, -2, 2.5, "3"):
+        with pytest.raises(ValueError, match="split"):
+            kernels.split_plan(4, 4099, cpu, bad)
 
 
 def test_row_strided_and_broadcast_inputs():
@@ -292,11 +436,15 @@ def test_engine_dense_path_uses_kernel(monkeypatch):
     calls = []
     module = sys.modules["uld_vllm.kernels.uld_combine"]
     monkeypatch.setattr(module, "uld_combine_forward", _spy(module.uld_combine_forward, calls))
+    # the engine passes no split: at 5 x 1271 the shape heuristic splits each row in two
+    assert kernels.split_plan(5, 1271, torch.device("cpu")) == (2, 1024, 1024)
     for r, mode in ((0.01, "generate"), (0.1, "score"), (0.0, "generate")):
         c = combine.UldCombiner(SimpleNamespace(alpha=0.8, filter_ratio=r, mode=mode,
                                                 backend="auto"))
         assert c.backend == "triton"
-        got = c(lambda _, h: h @ W.T, None, h_t, h_a)
+        with launched("combine") as n:
+            got = c(lambda _, h: h @ W.T, None, h_t, h_a)
+        assert n.only("split")
         both = torch.cat([h_t, h_a]) @ W.T  # the same GEMM as the engine: same rounding
         want = uld_logits(both[:5], both[5:], alpha=0.8, filter_ratio=r, mode=mode)
         assert_logits_match(got, want, F32, exact=r > 0)
@@ -344,8 +492,11 @@ AOT = """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from uld_vllm.kernels.uld_combine import _uld_filter_kernel, _uld_logprob_kernel
-    from uld_vllm.kernels.uld_sample import _uld_sample_kernel
+    from uld_vllm.kernels._select import _split_pass_kernel
+    from uld_vllm.kernels.uld_combine import (_split_filter_kernel, _split_logprob_kernel,
+                                              _split_lse_kernel, _uld_filter_kernel,
+                                              _uld_logprob_kernel)
+    from uld_vllm.kernels.uld_sample import _split_sample_kernel, _uld_sample_kernel
 
     base = dict(alpha_ptr="*fp32", stride_l="i64", stride_a="i32", V="i32", BLOCK="constexpr")
     filt = dict(k="i32", ln_r="fp32")
@@ -354,11 +505,39 @@ AOT = """
         comb = dict(io, out_ptr="*fp32", **base, stride_o="i32")
         samp = dict(io, ids_ptr="*i64", temp_ptr="*fp32", seed_ptr="*i64", top_k_ptr="*i32",
                     **base)
-        jobs = [(_uld_filter_kernel, dict(comb, **filt, SCORE_MODE="constexpr"),
-                 dict(SCORE_MODE=dt == "bf16", BLOCK=4096)),
+        npass = 2 if dt == "bf16" else 4  # key_passes: the radix passes the dtype needs
+        jobs = [(_uld_filter_kernel, dict(comb, **filt, SCORE_MODE="constexpr",
+                                          NPASS="constexpr"),
+                 dict(SCORE_MODE=dt == "bf16", BLOCK=4096, NPASS=npass)),
                 (_uld_logprob_kernel, comb, dict(BLOCK=4096)),
-                (_uld_sample_kernel, dict(samp, **filt, FILTER="constexpr"),
-                 dict(FILTER=dt == "bf16", BLOCK=4096))]
+                (_uld_sample_kernel, dict(samp, **filt, FILTER="constexpr", NPASS="constexpr"),
+                 dict(FILTER=dt == "bf16", BLOCK=4096, NPASS=npass))]
+        # split-row: the radix pass (threshold with the row max; top-k floor on scores), the
+        # writes, the r == 0 stages and the sampler's merge
+        chunked = dict(io, stride_l="i64", stride_a="i32", V="i32", CHUNK="i32", S="i32",
+                       BLOCK="constexpr")
+        split_pass = dict(chunked, k="i32", top_k_ptr="*i32", ln_r="fp32", thr_ptr="*i32",
+                          alpha_ptr="*fp32", hist_ptr="*i32", ticket_ptr="*i32",
+                          pmax_ptr="*fp32", state_ptr="*i32", PASS="constexpr",
+                          NPASS="constexpr", ON_SCORES="constexpr", S_BLOCK="constexpr")
+        for p, on_scores in ((0, False), (1, False), (0, True), (3, True)):
+            jobs.append((_split_pass_kernel, split_pass,
+                         dict(PASS=p, NPASS=4 if on_scores else 2, ON_SCORES=on_scores,
+                              BLOCK=2048, S_BLOCK=8)))
+        out = dict(out_ptr="*fp32", alpha_ptr="*fp32", stride_o="i32")
+        jobs += [(_split_filter_kernel, dict(chunked, **out, state_ptr="*i32",
+                                             SCORE_MODE="constexpr"),
+                  dict(SCORE_MODE=dt == "bf16", BLOCK=1024)),
+                 (_split_lse_kernel, dict(chunked, part_ptr="*fp32"), dict(BLOCK=2048)),
+                 (_split_logprob_kernel, dict(chunked, **out, part_ptr="*fp32",
+                                              S_BLOCK="constexpr"),
+                  dict(BLOCK=2048, S_BLOCK=32)),
+                 (_split_sample_kernel, dict(chunked, ids_ptr="*i64", alpha_ptr="*fp32",
+                                             temp_ptr="*fp32", seed_ptr="*i64",
+                                             thr_ptr="*i32", floor_ptr="*i32",
+                                             pval_ptr="*fp32", pidx_ptr="*i32",
+                                             ticket_ptr="*i32", S_BLOCK="constexpr"),
+                  dict(BLOCK=2048, S_BLOCK=8))]
         for fn, sig, const in jobs:
             sig = {name: sig[name] for name in fn.arg_names}
             c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import triton
 
@@ -76,3 +78,67 @@ def launch_config(V: int, interpret: bool) -> dict:
     if interpret:
         return {"BLOCK": block}
     return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4}
+
+
+# --- split-row launches ------------------------------------------------------------------------
+
+# which variant each op last launched with, counted: tests check that the split path really
+# ran (it must not fall back silently), the benchmark reports it
+LAUNCHES: Counter = Counter()
+PROGRAMS_PER_SM = 8  # split target: this many programs per SM over the whole grid (8 warps
+# each: 64, a Hopper SM's limit, if registers allow; unmeasured)
+SPLIT_BLOCK = 2048   # elements per loop step of a split program (at most)
+MAX_SPLIT = 1024  # programs per row at most (the row's last program reduces S partials)
+MIN_SPLIT_BLOCK = 1024  # automatic chunks have at least this many tokens (tiny programs
+# waste their launch and merge; an explicit count may go down to 16 so tests split short rows)
+_SM_COUNT: dict = {}
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device``; 132 (an H200/H100 SXM) for the interpreter, so
+    CPU tests take the decisions a GPU would."""
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def split_plan(B: int, V: int, device, split=None) -> tuple[int, int, int] | None:
+    """``(S, chunk, block)`` for a split-row launch (``S`` programs per row, each ``chunk``
+    elements in steps of ``block``), or ``None`` for one program per row.
+
+    ``split``: ``None`` decides by shape, ``False`` never splits, ``True`` splits with the
+    automatic program count, an int asks for that many programs per row (fewer only when a
+    row has fewer than 16 tokens per program, and at most ``MAX_SPLIT``). The automatic
+    count fills one wave of ``PROGRAMS_PER_SM`` programs per SM, ``S = floor(8 * n_sm / B)``
+    (rounding down: a second, mostly empty wave would cost as much as the first), with chunks
+    of at least ``MIN_SPLIT_BLOCK`` tokens. So rows are split when ``B <= 4 * n_sm`` (528 on
+    an H200) and a row has more than ``MIN_SPLIT_BLOCK`` tokens; above that one program per
+    row already fills the GPU and saves the merge. B = 1, V = 32000: 32 programs of 1000
+    tokens; B = 256, V = 151936: 4 of 37984. Chunks are multiples of 16 tokens (aligned
+    vector loads).
+    Untuned: chosen without a GPU.
+    """
+    if split is False:
+        return None
+    if split is None or split is True:
+        want = max(1, PROGRAMS_PER_SM * sm_count(device) // B)
+        smallest = MIN_SPLIT_BLOCK
+    elif isinstance(split, int) and split >= 1:
+        want, smallest = split, 1
+    else:
+        raise ValueError(f"split must be None, a bool or a positive int, got {split!r}")
+    share = max(-(-V // min(want, MAX_SPLIT)), smallest)
+    chunk = -(-share // 16) * 16
+    block = min(SPLIT_BLOCK, triton.next_power_of_2(chunk))
+    S = -(-V // chunk)
+    if S < 2 and split is None:
+        return None
+    return S, chunk, block
+
+
+def split_launch_kw(block: int, interpret: bool) -> dict:
+    """Warps of a split-row program (the interpreter takes none)."""
+    return {} if interpret else {"num_warps": 8 if block >= 2048 else 4}

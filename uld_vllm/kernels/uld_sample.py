@@ -8,6 +8,9 @@ row's seed and the token index, which samples ``softmax(s / T)`` exactly and rep
 With ``filter_ratio == 0`` the combined logits are ``log_softmax(l) - alpha*log_softmax(a)``,
 which differ from ``l - alpha*a`` by a per-row constant; argmax and softmax ignore it, so that
 path samples ``l - alpha*a`` and needs no log-sum-exp pass.
+
+Split-row variant (as in ``uld_combine``): the threshold and the top-k floor by split
+selections, then per-chunk best (score, first index) merged by each row's last program.
 """
 
 from __future__ import annotations
@@ -18,14 +21,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ._select import _row_threshold, _score_floor, _scores
-from ._utils import check_logits, interpreted, launch_config, row_vector
+from ._select import (
+    STATE_WORDS,
+    _row_threshold,
+    _score_floor,
+    _scores,
+    key_passes,
+    split_select,
+)
+from ._utils import (
+    LAUNCHES,
+    check_logits,
+    interpreted,
+    launch_config,
+    row_vector,
+    split_launch_kw,
+    split_plan,
+)
 
 
 @triton.jit
 def _uld_sample_kernel(l_ptr, a_ptr, ids_ptr, alpha_ptr, temp_ptr, seed_ptr, top_k_ptr,
                        stride_l, stride_a, V, k, ln_r, FILTER: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, NPASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     l_row = l_ptr + row * stride_l
     a_row = a_ptr + row * stride_a
@@ -33,7 +51,7 @@ def _uld_sample_kernel(l_ptr, a_ptr, ids_ptr, alpha_ptr, temp_ptr, seed_ptr, top
     temp = tl.load(temp_ptr + row)
     top_k = tl.load(top_k_ptr + row)
     if FILTER:
-        thr = _row_threshold(l_row, V, k, ln_r, BLOCK)
+        thr = _row_threshold(l_row, V, k, ln_r, BLOCK, NPASS)
     else:
         thr = tl.full((), float("-inf"), tl.float32)
     floor = tl.full((), float("-inf"), tl.float32)
@@ -63,7 +81,87 @@ def _uld_sample_kernel(l_ptr, a_ptr, ids_ptr, alpha_ptr, temp_ptr, seed_ptr, top
     tl.store(ids_ptr + row, best_idx.to(tl.int64))
 
 
-def uld_sample_forward(target, assistant, alpha, filter_ratio, temperature, seeds, top_k):
+@triton.jit
+def _split_sample_kernel(l_ptr, a_ptr, ids_ptr, alpha_ptr, temp_ptr, seed_ptr, thr_ptr,
+                         floor_ptr, pval_ptr, pidx_ptr, ticket_ptr, stride_l, stride_a, V, CHUNK,
+                         S, BLOCK: tl.constexpr, S_BLOCK: tl.constexpr):
+    """Split-row choice: each chunk's best (noisy) score and its first index; the row's last
+    program merges them (first chunk on ties, as ``torch.argmax``). Threshold and top-k floor
+    come from split selections' states (word 3)."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    l_row = l_ptr + row * stride_l
+    a_row = a_ptr + row * stride_a
+    alpha = tl.load(alpha_ptr + row)
+    temp = tl.load(temp_ptr + row)
+    thr = tl.load(thr_ptr + row * STATE_WORDS + 3).to(tl.float32, bitcast=True)
+    floor = tl.load(floor_ptr + row * STATE_WORDS + 3).to(tl.float32, bitcast=True)
+    inv_t = 1.0 / tl.where(temp > 0.0, temp, 1.0)
+    seed = tl.load(seed_ptr + row)
+    best = tl.full((), float("-inf"), tl.float32)
+    best_idx = tl.zeros((), tl.int32)
+    lo = chunk * CHUNK
+    hi = tl.minimum(lo + CHUNK, V)  # chunks need not be whole blocks
+    for start in range(lo, hi, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < hi
+        l = tl.load(l_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        a = tl.load(a_row + offs, mask=inb, other=0.0).to(tl.float32)
+        s = _scores(l, a, thr, alpha, False)
+        s = tl.where(s >= floor, s, float("-inf"))
+        if temp > 0.0:
+            # the noise is a function of (seed, token index): the same draw as one program/row
+            u = tl.maximum(tl.rand(seed, offs), 1e-30)
+            e = tl.maximum(-tl.log(u), 1e-30)
+            s = tl.where(s > float("-inf"), s * inv_t - tl.log(e), float("-inf"))
+        c_max, c_idx = tl.max(s, 0, return_indices=True, return_indices_tie_break_left=True)
+        better = c_max > best
+        best_idx = tl.where(better, start + c_idx, best_idx)
+        best = tl.where(better, c_max, best)
+    tl.store(pval_ptr + row * S + chunk, best)
+    tl.store(pidx_ptr + row * S + chunk, best_idx)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel")
+    if ticket == S - 1:
+        j = tl.arange(0, S_BLOCK)
+        vals = tl.load(pval_ptr + row * S + j, mask=j < S, other=float("-inf"),
+                       cache_modifier=".cg")
+        idxs = tl.load(pidx_ptr + row * S + j, mask=j < S, other=0, cache_modifier=".cg")
+        v_max, j_max = tl.max(vals, 0, return_indices=True, return_indices_tie_break_left=True)
+        idx = tl.sum(tl.where(j == j_max, idxs, 0), 0)
+        # no kept token anywhere (all target logits -inf): id 0, as the one-program kernel
+        tl.store(ids_ptr + row, tl.where(v_max > float("-inf"), idx, 0).to(tl.int64))
+
+
+_NEG_INF_BITS = -8388608  # 0xFF800000: -inf's fp32 bits as an int32
+
+
+def _sample_split(target, assistant, ids, alpha_vec, temp, seed_vec, top_k_vec, filter_ratio,
+                  use_top_k, plan, interpret):
+    B, V = target.shape
+    S, chunk, block = plan
+    kw = split_launch_kw(block, interpret)
+    dev = target.device
+    none = torch.full((B, STATE_WORDS.value), _NEG_INF_BITS, device=dev, dtype=torch.int32)
+    common = dict(S=S, chunk=chunk, block=block, launch_kw=kw)
+    thr = none
+    if filter_ratio > 0:
+        thr = split_select(target, assistant, k=max(1, math.floor(filter_ratio * V)),
+                           ln_r=math.log(filter_ratio), **common)
+    floor = none
+    if use_top_k:
+        floor = split_select(target, assistant, top_k=top_k_vec, thr=thr, alpha=alpha_vec,
+                             **common)
+    pval = torch.empty((B, S), device=dev, dtype=torch.float32)
+    pidx = torch.empty((B, S), device=dev, dtype=torch.int32)
+    ticket = torch.zeros((B,), device=dev, dtype=torch.int32)
+    _split_sample_kernel[(B, S)](target, assistant, ids, alpha_vec, temp, seed_vec, thr, floor,
+                                 pval, pidx, ticket, target.stride(0), assistant.stride(0), V,
+                                 chunk, S, BLOCK=block, S_BLOCK=triton.next_power_of_2(S), **kw)
+
+
+def uld_sample_forward(target, assistant, alpha, filter_ratio, temperature, seeds, top_k,
+                       split=None):
     target, assistant = check_logits(target, assistant, filter_ratio,
                                      _uld_sample_kernel)
     B, V = target.shape
@@ -87,12 +185,20 @@ def uld_sample_forward(target, assistant, alpha, filter_ratio, temperature, seed
         seeds = int(seeds) + torch.arange(B, dtype=torch.int64)
     seed_vec = row_vector(seeds, B, device, torch.int64, "seeds")
     top_k_vec = row_vector(0 if top_k is None else top_k, B, device, torch.int32, "top_k")
+    interpret = interpreted(_uld_sample_kernel)
+    plan = split_plan(B, V, device, split)
+    if plan is not None:
+        _sample_split(target, assistant, ids, alpha_vec, temp, seed_vec, top_k_vec,
+                      filter_ratio, top_k is not None, plan, interpret)
+        LAUNCHES["sample", "split"] += 1
+        return ids
+    LAUNCHES["sample", "row"] += 1
     k = max(1, math.floor(filter_ratio * V))
     ln_r = math.log(filter_ratio) if filter_ratio > 0 else 0.0
     _uld_sample_kernel[(B,)](target, assistant, ids, alpha_vec, temp, seed_vec, top_k_vec,
                              target.stride(0), assistant.stride(0), V, k, ln_r,
-                             FILTER=filter_ratio > 0,
-                             **launch_config(V, interpreted(_uld_sample_kernel)))
+                             FILTER=filter_ratio > 0, NPASS=key_passes(target.dtype),
+                             **launch_config(V, interpret))
     return ids
 
 
@@ -100,7 +206,8 @@ def uld_sample(target: torch.Tensor, assistant: torch.Tensor, *,
                alpha: float | torch.Tensor = 1.0, filter_ratio: float = 0.1,
                temperature: float | torch.Tensor = 0.0,
                seeds: int | torch.Tensor | None = None,
-               top_k: int | torch.Tensor | None = None) -> torch.Tensor:
+               top_k: int | torch.Tensor | None = None,
+               split: bool | int | None = None) -> torch.Tensor:
     """Token ids ``[B]`` (int64) drawn from the ULD-combined logits (generate semantics).
 
     ``temperature``: float or ``[B]``; ``0`` is greedy (first index of the maximum, as
@@ -110,5 +217,7 @@ def uld_sample(target: torch.Tensor, assistant: torch.Tensor, *,
     seed and token index, so use a new seed per decode step. ``top_k``: int or ``[B]``,
     ``None``/``0`` for off; keeps the tokens whose combined score is at least the k-th largest
     (all ties at it). A row with no kept token (all target logits ``-inf``) returns id 0.
+    ``split``: launch variant, as in ``uld_combine`` (same ids either way, same noise too).
     """
-    return uld_sample_forward(target, assistant, alpha, filter_ratio, temperature, seeds, top_k)
+    return uld_sample_forward(target, assistant, alpha, filter_ratio, temperature, seeds, top_k,
+                              split)
