@@ -33,6 +33,8 @@ from uld_vllm.engine import combine  # noqa: E402
 from uld_vllm.errors import UldError  # noqa: E402
 
 uld_combine, uld_sample = kernels.uld_combine, kernels.uld_sample
+# whether the kernels can be tested in this process (else: test_kernels_fresh.py)
+IN_PROCESS = ON_GPU or (not _TRITON_WAS_IMPORTED and kernels.INTERPRETED)
 
 
 
@@ -58,10 +60,13 @@ def _interpret():
 pytestmark = [
     pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(),
                        reason="ULD_KERNEL_TEST_DEVICE=cuda but no CUDA device"),
+    # not silent: tests/test_kernels_fresh.py then runs this module in a fresh interpreter
     pytest.mark.skipif(
-        not ON_GPU and (_TRITON_WAS_IMPORTED or not kernels.INTERPRETED),
-        reason="triton was imported before this module could set TRITON_INTERPRET=1; run "
-               "`pytest tests/test_kernels.py` on its own or set TRITON_INTERPRET=1"),
+        not IN_PROCESS,
+        reason="triton was imported before this module could set TRITON_INTERPRET=1; "
+               "tests/test_kernels_fresh.py runs this module in a fresh process instead"),
+    # the Triton interpreter pays per op: minutes for the module (make test-fast skips it)
+    pytest.mark.slow,
     # numpy's view of the kernels' deliberate -inf arithmetic (log 0, -inf - -inf, masked)
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
 ]

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from uld_vllm.core.logits import MODES
+
 from ._select import STATE_WORDS, _row_threshold, _scores, key_passes, split_select
 from ._utils import (
     LAUNCHES,
@@ -30,8 +32,6 @@ from ._utils import (
     split_launch_kw,
     split_plan,
 )
-
-MODES = ("generate", "score")
 
 
 @triton.jit
