@@ -206,7 +206,7 @@ def train_full(model_dir: str, out_dir: str | Path, forget_rows: list[dict],
                     f_nll = UnlearnLoss.mean_nll(f_logits, f_labels)
                     r_nll = UnlearnLoss.mean_nll(r_logits, r_labels) if retain else None
                 (loss * w).backward()
-                parts["loss"] += float(loss) * w
+                parts["loss"] += float(loss.detach()) * w
                 parts["forget_nll"] += float(f_nll) * w
                 if r_nll is not None:
                     parts["retain_nll"] += float(r_nll) * w
