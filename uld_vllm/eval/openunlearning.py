@@ -22,8 +22,9 @@ real authors, ``wf`` = world facts), and where they come from in our per-split l
   ``... ROUGE``).
 * ``forget_truth_ratio`` (lower case, as its config's package says), ``retain_Truth_Ratio``,
   ``ra_Truth_Ratio``, ``wf_Truth_Ratio``: per row ``{"score": p_wrong / (p_correct + 1e-10)}``
-  with ``p_wrong = exp(-mean_j avg_perturb_loss_j)`` and ``p_correct`` the paraphrased answer's
-  (forget, retain) or the answer's (ra, wf) ``exp(-avg loss)``. That score is ``1 / R`` for our
+  with ``p_wrong = exp(-mean_j avg_perturb_loss_j)`` and ``p_correct = exp(-avg_paraphrased_loss)``
+  (on ra/wf our eval scores the answer itself as the "paraphrased" answer, as TOFU's configs do,
+  which is OpenUnlearning's ``ra_Q_A_Prob``). That score is ``1 / R`` for our
   truth ratio ``R``. agg: forget ``mean(min(s, 1/(s+1e-10)))``, others ``mean(max(0, 1-s))``
   (= our ``... Truth Ratio``).
 * ``ra_Q_A_Prob_normalised``, ``wf_Q_A_Prob_normalised``: per row ``{"prob": p / (p + sum
@@ -32,7 +33,8 @@ real authors, ``wf`` = world facts), and where they come from in our per-split l
   Utility``, up to the 1e-10 terms).
 * ``forget_quality``: ``{"agg_value": KS p-value}`` of the forget truth-ratio scores against the
   retain model's (None without a reference, as OpenUnlearning does). The KS test only sees
-  ranks, so testing ``1/R`` gives our ``Forget Quality`` exactly.
+  ranks, so testing ``1/R`` gives our ``Forget Quality`` (exactly, unless the 1e-10 guard
+  reorders two rows whose ratios agree to that precision).
 
 Not written: ``privleak``, ``extraction_strength`` (in ``tofu.yaml``'s list, but they need
 membership-inference / per-token statistics this eval does not compute) and the MIA metrics.
@@ -97,11 +99,15 @@ def truth_ratio_scores(correct_avg_loss, perturbed_avg_losses) -> np.ndarray:
 
 def _rouge_entry(log: Mapping[str, Any]) -> dict:
     scorer = M._scorer()
+    texts = log.get("generated_text") or [None] * len(log["rougeL_recall"])
+    r1s = log.get("rouge1_recall") or [None] * len(log["rougeL_recall"])
     rows = []
-    for i, (r1, rl) in enumerate(zip(log["rouge1_recall"], log["rougeL_recall"])):
-        prompt, gen, truth = log["generated_text"][i]
-        rows.append({"rouge1_recall": float(r1),
-                     "rougeL_f1": scorer.score(truth, gen)["rougeL"].fmeasure,
+    for r1, rl, text in zip(r1s, log["rougeL_recall"], texts):
+        prompt, gen, truth = text if isinstance(text, (list, tuple)) and len(text) == 3 \
+            else (None, None, None)
+        rows.append({"rouge1_recall": None if r1 is None else float(r1),
+                     "rougeL_f1": None if gen is None else
+                     scorer.score(truth, gen)["rougeL"].fmeasure,
                      "rougeL_recall": float(rl), "input": prompt, "ground_truth": truth,
                      "generation": gen})
     return {"agg_value": float(np.mean([r["rougeL_recall"] for r in rows])),
@@ -120,11 +126,12 @@ def to_openunlearning(logs: Mapping[str, Mapping[str, Any]],
         out[f"{p}_Q_A_Prob"] = _prob_entry(log["avg_gt_loss"])
         out[f"{p}_Q_A_PERT_Prob"] = _pert_entry(log["average_perturb_loss"])
         out[f"{p}_Q_A_ROUGE"] = _rouge_entry(log)
+        # the truth ratio's "correct" side is our log's paraphrased loss on every split: on
+        # ra/wf our eval scores the answer itself there (what OpenUnlearning's ra_Q_A_Prob is)
+        correct = log["avg_paraphrased_loss"]
         if name in (M.FORGET, M.RETAIN):
             out[f"{p}_Q_A_PARA_Prob"] = _prob_entry(log["avg_paraphrased_loss"])
-            correct = log["avg_paraphrased_loss"]
         else:
-            correct = log["avg_gt_loss"]
             p_true = np.exp(-np.asarray(log["avg_gt_loss"], dtype=float))
             p_wrong = np.exp(-np.asarray(log["average_perturb_loss"], dtype=float)).sum(-1)
             norm = p_true / (p_true + p_wrong + _EPS)
@@ -238,7 +245,7 @@ def load_reference(path: str | os.PathLike, questions: list[str] | None = None) 
     if questions is not None and "forget_Q_A_ROUGE" in raw:
         inputs = _entry_rows(raw, "forget_Q_A_ROUGE", "input", where)
         for i, (q, inp) in enumerate(zip(questions, inputs)):
-            if " ".join(q.split()) not in " ".join(str(inp).split()):
+            if inp is not None and " ".join(q.split()) not in " ".join(str(inp).split()):
                 raise UldError(f"{where}: forget row {i} asks {str(inp)[-60:]!r}, this run "
                                f"{q[:60]!r}", "pass the retain reference for the same forget "
                                "split")
