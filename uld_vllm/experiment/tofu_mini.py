@@ -26,8 +26,8 @@ The defaults are the real recipe for SmolLM2-135M-Instruct (30 layers):
   warm-up epoch then linear decay. TOFU fine-tunes Llama-2-7B for 5 epochs at 1e-5; a 135 M
   model on 440 rows needs a larger step and more passes to recite its answers (the goal is
   forget ROUGE-L recall >= 0.8, reported in ``summary.json`` as ``goals``).
-* ULD: K = 30 // 4 = 7 by default ("K = N/4": the reference used 8 of Llama-2's 32 layers;
-  ``--uld-num-layers 8`` matches the project's other SmolLM2 runs), LoRA r 16 / alpha 32, lr
+* ULD: K = N/4 rounded half up, 8 of SmolLM2's 30 layers (the reference used 8 of
+  Llama-2's 32; 8 is also what the project's other SmolLM2 runs use), LoRA r 16 / alpha 32, lr
   1e-3, batch 32, <= 10 epochs with the trainer's convergence stop, beta 5, every retain row
   plus 2 perturbed answers per forget question on the retain side, 1 paraphrased question x 2
   paraphrased answers per forget row on the forget side; decoding alpha 0.8, filter 0.01.
@@ -47,6 +47,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -88,7 +89,7 @@ class TofuMiniConfig:
     retain_weight: float = 1.0  # OpenUnlearning's alpha
     forget_weight: float = 1.0  # OpenUnlearning's gamma
     # ULD
-    uld_num_layers: int = 0  # 0: N // 4
+    uld_num_layers: int = 0  # 0: N/4 rounded half up
     uld_epochs: float = 10.0
     uld_lr: float = 1e-3
     uld_batch_size: int = 32
@@ -124,7 +125,7 @@ class TofuMiniConfig:
             (self.max_forget_rows >= 0, "--max-forget-rows must be >= 0", "0 means every row"),
             (self.max_examples >= 1, "--max-examples must be >= 1", "e.g. 300"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1", "e.g. 200"),
-            (self.uld_num_layers >= 0, "--uld-num-layers must be >= 0", "0 means N // 4"),
+            (self.uld_num_layers >= 0, "--uld-num-layers must be >= 0", "0 means N/4"),
             (self.precision in ("auto", "fp32", "bf16"),
              f"--precision {self.precision!r} is not auto, fp32 or bf16", "use auto"),
         ]
@@ -299,7 +300,7 @@ class TofuMini:
         c = self.cfg
         target = self.out / "target" / "model"
         n_layers = AutoConfig.from_pretrained(target).num_hidden_layers
-        k = c.uld_num_layers or max(1, n_layers // 4)
+        k = c.uld_num_layers or max(1, math.floor(n_layers / 4 + 0.5))  # 30 -> 8, 4 -> 1
         aug = Path(c.data_dir) / "uld_aug" / "tofu" / c.forget_split
         t0 = time.perf_counter()
         cfg = make_config(model=str(target), forget=str(self.out / "data" / "forget.jsonl"),
