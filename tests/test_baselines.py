@@ -9,6 +9,7 @@ import torch
 
 from uld_vllm.baselines.losses import UnlearnLoss
 from uld_vllm.cli import main
+from uld_vllm.errors import UldError
 
 # one row, 4 positions, vocabulary 3; labels: prompt (-100), two answer tokens, padding
 LOGITS = torch.tensor([[[0.0, 0.0, 0.0],       # predicts labels[1] = -100: ignored
@@ -161,6 +162,22 @@ def test_trainer_writes_a_float32_hf_folder_and_ga_raises_the_forget_nll(tiny_ll
         assert s["loss"] == pytest.approx(-s["forget_nll"], rel=1e-5)
     before, after = _forget_nll(tiny_llama, forget), _forget_nll(out, forget)
     assert after.sum() > before.sum() + 1.0
+
+
+def test_finetune_stops_at_the_stop_loss_and_only_finetune_takes_one(tiny_llama, rows,
+                                                                      tmp_path):
+    from uld_vllm.baselines.trainer import FullTrainConfig, train_full
+
+    forget, _ = rows
+    cfg = FullTrainConfig(method="finetune", epochs=3, learning_rate=1e-3, batch_size=4,
+                          micro_batch_size=4, warmup_epochs=0, max_length=128, stop_loss=1e6)
+    log = train_full(str(tiny_llama), tmp_path / "ft", forget, None, cfg, log=lambda m: None)
+    assert len(log["epochs"]) == 1 and log["stopped_early"] and log["optimizer_steps"] == 1
+    cfg.stop_loss = 1e-9  # never reached: every epoch runs
+    log = train_full(str(tiny_llama), tmp_path / "ft2", forget, None, cfg, log=lambda m: None)
+    assert len(log["epochs"]) == 3 and not log["stopped_early"]
+    with pytest.raises(UldError, match="fine-tuning only"):
+        FullTrainConfig(method="ga", stop_loss=0.1).validate()
 
 
 def _jsonl(tmp_path, rows):

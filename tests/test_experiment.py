@@ -121,6 +121,8 @@ def test_report_fields(experiment):
         assert row["wall_s"] == json.loads((out / name / DONE).read_text())["wall_s"]
     assert s["methods"]["retain"]["forget_quality"] == pytest.approx(1.0)  # itself
     assert s["methods"]["uld"]["uld"]["num_layers"] == 1
+    for name in ("target", "retain"):
+        assert s["methods"][name]["fine_tune"]["epochs_trained"] == 1
     assert set(s["stages_wall_s"]) == set(STAGES) - {"report"}
     assert s["total_wall_s_before_report"] == pytest.approx(sum(s["stages_wall_s"].values()),
                                                             abs=0.01)

@@ -47,6 +47,9 @@ class FullTrainConfig:
     gamma: float = 1.0  # weight of the forget term (GD, NPO)
     alpha: float = 1.0  # weight of the retain NLL (GD, NPO)
     prompt_template: str | None = None
+    # finetune only: stop after the first epoch whose mean answer NLL is below this (None:
+    # train every epoch); the learning-rate schedule is still laid out over ``epochs``
+    stop_loss: float | None = None
 
     def validate(self) -> FullTrainConfig:
         checks = [
@@ -69,6 +72,9 @@ class FullTrainConfig:
             (self.beta > 0, f"--beta must be > 0, got {self.beta}", "OpenUnlearning uses 0.1"),
             (self.gamma >= 0 and self.alpha >= 0, "--gamma and --alpha must be >= 0",
              "OpenUnlearning uses 1 and 1"),
+            (self.stop_loss is None or (self.method == "finetune" and self.stop_loss > 0),
+             "a stop loss is for fine-tuning only and must be > 0",
+             "pass a positive value, or none"),
         ]
         for ok, problem, fix in checks:
             if not ok:
@@ -227,11 +233,16 @@ def train_full(model_dir: str, out_dir: str | Path, forget_rows: list[dict],
                        "forget_nll": sum(e["forget_nll"] for e in ep_steps) / len(ep_steps)})
         log(f"  epoch {epoch + 1}/{cfg.epochs}: loss {epochs[-1]['loss']:.4f}, forget NLL "
             f"{epochs[-1]['forget_nll']:.4f} ({epochs[-1]['wall_s']:.1f} s)")
+        if cfg.stop_loss is not None and epochs[-1]["loss"] < cfg.stop_loss \
+                and epoch + 1 < cfg.epochs:
+            log(f"  stopping: mean answer NLL {epochs[-1]['loss']:.4f} < {cfg.stop_loss}")
+            break
 
     model.eval()
     train_log = {"method": cfg.method, "base_model": model_dir, "config": dataclasses.asdict(cfg),
                  "rows": {"forget": len(forget), "retain": len(retain)},
                  "prompt_format": formatter.description, "optimizer_steps": len(steps),
+                 "stopped_early": len(epochs) < cfg.epochs,
                  "npo_reference_s": round(t_ref, 3) if ref_nll is not None else None,
                  "epochs": epochs, "steps": steps,
                  "seconds_per_epoch": sum(e["wall_s"] for e in epochs) / len(epochs)}

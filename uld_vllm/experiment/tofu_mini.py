@@ -22,10 +22,14 @@ finished stage and redoes an unfinished one from scratch:
 
 The defaults are the real recipe for SmolLM2-135M-Instruct (30 layers):
 
-* target / retain model: 10 epochs, lr 1e-4, effective batch 32, AdamW, weight decay 0.01, one
-  warm-up epoch then linear decay. TOFU fine-tunes Llama-2-7B for 5 epochs at 1e-5; a 135 M
-  model on 440 rows needs a larger step and more passes to recite its answers (the goal is
-  forget ROUGE-L recall >= 0.8, reported in ``summary.json`` as ``goals``).
+* target / retain model: <= 10 epochs, lr 1e-4, effective batch 32, AdamW, weight decay 0.01,
+  one warm-up epoch then linear decay; stops after the first epoch whose mean answer NLL is
+  below 0.05 nats (``--target-stop-loss``, 0: never): each answer token then gets ~95% of the
+  probability, enough for greedy decoding to recite it, and on this CPU an epoch of the full
+  model costs minutes. TOFU fine-tunes Llama-2-7B for 5 epochs at 1e-5; a 135 M model on 440
+  rows needs a larger step and more passes to recite its answers (the goal is forget ROUGE-L
+  recall >= 0.8, reported in ``summary.json`` as ``goals``). Neither value has been tuned on
+  the real run yet.
 * ULD: K = N/4 rounded half up, 8 of SmolLM2's 30 layers (the reference used 8 of
   Llama-2's 32; 8 is also what the project's other SmolLM2 runs use), LoRA r 16 / alpha 32, lr
   1e-3, batch 32, <= 10 epochs with the trainer's convergence stop, beta 5, every retain row
@@ -77,6 +81,7 @@ class TofuMiniConfig:
     # target and retain model
     target_epochs: int = 10
     target_lr: float = 1e-4
+    target_stop_loss: float = 0.05  # stop fine-tuning once the epoch's answer NLL is below
     batch_size: int = 32
     micro_batch_size: int = 8
     weight_decay: float = 0.01
@@ -228,7 +233,8 @@ class TofuMini:
             micro_batch_size=c.micro_batch_size, weight_decay=c.weight_decay,
             warmup_epochs=c.warmup_epochs, max_length=c.max_length, seed=c.seed,
             precision=self._precision(), beta=c.npo_beta, gamma=c.forget_weight,
-            alpha=c.retain_weight).validate()
+            alpha=c.retain_weight,
+            stop_loss=(c.target_stop_loss or None) if finetune else None).validate()
 
     def _eval(self, folder: Path, model: Path, adapter: Path | None = None,
               reference: bool = True) -> dict:
@@ -284,7 +290,9 @@ class TofuMini:
         train = train_full(self.cfg.model, folder / "model", rows, None,
                            self._full_cfg("finetune"), log=self._sub)
         ev = self._eval(folder, folder / "model", reference=reference)
-        return {"train_s": train["wall_s"], "final_loss": train["epochs"][-1]["loss"], **ev}
+        return {"train_s": train["wall_s"], "final_loss": train["epochs"][-1]["loss"],
+                "epochs_trained": len(train["epochs"]), "stopped_early": train["stopped_early"],
+                **ev}
 
     def _target(self, folder: Path) -> dict:
         return self._finetune(folder, self._rows("forget") + self._rows("retain"), False)
@@ -358,6 +366,10 @@ class TofuMini:
                 "retain_rouge": metrics["Retain ROUGE"],
                 "train_s": res.get("train_s"), "eval_s": res.get("eval_s"),
                 "wall_s": done["wall_s"], "metrics": metrics, "openunlearning": ou}
+            if name in ("target", "retain"):
+                rows[name]["fine_tune"] = {k: res.get(k) for k in ("epochs_trained",
+                                                                    "stopped_early",
+                                                                    "final_loss")}
             if name == "uld":
                 rows[name]["uld"] = {k: res.get(k) for k in ("num_layers", "of_layers",
                                                               "converged", "forget_loss",
