@@ -484,6 +484,42 @@ def plot_fq_vs_mu(rows: dict, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------- command line
+_HELP = {
+    "retain_authors": "retain authors: the first N x 20 rows of full.jsonl (20 = the authors of "
+                      "retain_perturbed)",
+    "max_forget_rows": "use only the first N forget rows (0: all; for smoke tests)",
+    "seed": "seed of every training",
+    "precision": "auto (bf16 autocast where native, else fp32), fp32 or bf16",
+    "target_epochs": "fine-tuning epochs of the target and the retain model (a cap with "
+                     "--target-stop-loss)",
+    "target_lr": "fine-tuning learning rate",
+    "target_stop_loss": "stop fine-tuning after the first epoch whose mean answer NLL is below "
+                        "this (0: never)",
+    "batch_size": "rows per optimizer step (fine-tune, GA, GD, NPO)",
+    "micro_batch_size": "rows per forward pass",
+    "weight_decay": "AdamW weight decay (fine-tune, GA, GD, NPO)",
+    "warmup_epochs": "linear warm-up, in epochs, then linear decay",
+    "max_length": "truncate prompt + answer to this many tokens",
+    "unlearn_epochs": "GA / GD / NPO epochs (OpenUnlearning: 10)",
+    "unlearn_lr": "GA / GD / NPO learning rate (OpenUnlearning: its fine-tune lr, 1e-5; here "
+                  "the target's)",
+    "npo_beta": "NPO beta (OpenUnlearning: 0.1)",
+    "retain_weight": "alpha: weight of the retain NLL in GD and NPO (OpenUnlearning: 1)",
+    "forget_weight": "gamma: weight of the forget term in GD and NPO (OpenUnlearning: 1)",
+    "uld_num_layers": "K, assistant layers (0: N/4 rounded half up)",
+    "uld_epochs": "ULD epochs (a cap: the trainer stops at its convergence targets)",
+    "uld_lr": "ULD LoRA learning rate",
+    "uld_batch_size": "ULD rows per optimizer step",
+    "uld_micro_batch_size": "ULD rows per forward pass",
+    "uld_alpha": "ULD decoding weight",
+    "uld_filter_ratio": "ULD plausibility-filter ratio",
+    "max_examples": "eval: first N rows of each TOFU split",
+    "max_new_tokens": "eval: greedy generation length",
+    "eval_dtype": "eval: vLLM dtype (the trained models are saved in float32)",
+    "max_model_len": "eval: vLLM max model length",
+}
+
+
 def add_experiment_parser(sub) -> None:
     d = TofuMiniConfig()
     p = sub.add_parser("experiment", help="whole experiments: `experiment tofu-mini --out DIR`")
@@ -491,16 +527,19 @@ def add_experiment_parser(sub) -> None:
     q = s.add_parser("tofu-mini", help="TOFU forget01 in miniature: target, retain model, ULD, "
                                        "GA/GD/NPO and a report; cached and resumable")
     q.add_argument("--out", required=True, help="experiment folder (a rerun resumes)")
-    q.add_argument("--model", default=d.model)
+    q.add_argument("--model", default=d.model,
+                   help=f"base model: HF folder, hub id or known short name (default: {d.model})")
     q.add_argument("--data-dir", default=d.data_dir,
                    help="folder with tofu/ and uld_aug/ (default: ../shared/data)")
-    q.add_argument("--forget-split", default=d.forget_split)
+    q.add_argument("--forget-split", default=d.forget_split,
+                   help=f"forget01, forget05 or forget10 (default: {d.forget_split})")
     q.add_argument("--methods", default=",".join(d.methods),
                    help=f"comma-separated subset of {','.join(METHODS)}")
     for f in dataclasses.fields(TofuMiniConfig):
         if f.name in ("model", "data_dir", "forget_split", "methods"):
             continue
-        q.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        q.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{_HELP.get(f.name, '')} (default: {f.default})".lstrip())
     q.set_defaults(func=run_experiment)
 
 
