@@ -13,7 +13,9 @@ Master weights stay float32 (``--precision bf16`` only autocasts the forward: an
 lr 1e-5 is far below bf16's resolution of a weight, so bf16 weights would not move), and the
 folder is saved in float32 for the same reason. The learning rate warms up linearly for
 ``warmup_epochs`` epochs and then decays linearly to 0 (OpenUnlearning's ``warmup_epochs: 1``
-with the HF default linear schedule).
+with the HF default linear schedule); gradients are clipped to norm 1 (the HF Trainer's
+default) and the optimizer is AdamW (OpenUnlearning uses bitsandbytes' 32-bit paged AdamW, the
+same update).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class FullTrainConfig:
     beta: float = 0.1  # NPO
     gamma: float = 1.0  # weight of the forget term (GD, NPO)
     alpha: float = 1.0  # weight of the retain NLL (GD, NPO)
+    # the HF Trainer's default, which OpenUnlearning's trainers inherit (its configs leave it)
+    max_grad_norm: float = 1.0
     prompt_template: str | None = None
     # finetune only: stop after the first epoch whose mean answer NLL is below this (None:
     # train every epoch); the learning-rate schedule is still laid out over ``epochs``
@@ -67,6 +71,7 @@ class FullTrainConfig:
             (0 <= self.warmup_epochs < self.epochs,
              f"--warmup-epochs must be in [0, --epochs {self.epochs})", "e.g. 1"),
             (self.max_length >= 8, "--max-length must be >= 8", "e.g. 256"),
+            (self.max_grad_norm > 0, "max_grad_norm must be > 0", "e.g. 1.0"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}",
              "use fp32 or bf16"),
             (self.beta > 0, f"--beta must be > 0, got {self.beta}", "OpenUnlearning uses 0.1"),
@@ -216,7 +221,9 @@ def train_full(model_dir: str, out_dir: str | Path, forget_rows: list[dict],
                 parts["forget_nll"] += float(f_nll) * w
                 if r_nll is not None:
                     parts["retain_nll"] += float(r_nll) * w
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9))
+            # the norm before clipping is what is logged, as the HF Trainer logs it
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                             cfg.max_grad_norm))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
