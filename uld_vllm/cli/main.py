@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", add_help=False,
                    help="benchmarks: `bench throughput ...`, `bench serving ...` (--help each)")
     _add_eval(sub)
+    from uld_vllm.baselines.cli import add_baseline_parser
+    from uld_vllm.experiment.tofu_mini import add_experiment_parser
+
+    add_baseline_parser(sub)
+    add_experiment_parser(sub)
     return parser
 
 

@@ -35,7 +35,11 @@ def add_tofu_parser(sub) -> None:
     p.add_argument("--forget-split", default="forget10", choices=FORGET_SPLITS)
     p.add_argument("--retain-reference", default=None,
                    help="eval-log folder of a retain model on the same forget split (for "
-                        "forget quality), e.g. the output of this command for a retain model")
+                        "forget quality), e.g. the output of this command for a retain model, "
+                        "or a retain model's OpenUnlearning TOFU_EVAL.json (or its folder)")
+    p.add_argument("--openunlearning-out", default=None, metavar="DIR",
+                   help="also write OpenUnlearning's TOFU_EVAL.json and TOFU_SUMMARY.json "
+                        "here (uld_vllm/eval/openunlearning.py lists the keys)")
     p.add_argument("--max-examples", type=int, default=300,
                    help="first N rows of each set (the reference evaluates 300); 0: all")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -158,9 +162,21 @@ def run_tofu(a: argparse.Namespace) -> None:
     if out.exists() and any(out.iterdir()) and not a.overwrite:  # before minutes of work
         raise UldError(f"output folder {out} already exists and is not empty",
                        "choose another --output or pass --overwrite")
-    reference = M.load_log_dir(a.retain_reference) if a.retain_reference else None
+    from uld_vllm.eval import openunlearning as OU
+
+    ou_out = Path(a.openunlearning_out) if a.openunlearning_out else None
+    if ou_out is not None and not a.overwrite and any(
+            (ou_out / f).exists() for f in (OU.EVAL_FILE, OU.SUMMARY_FILE)):
+        raise UldError(f"{ou_out} already holds OpenUnlearning result files",
+                       "choose another --openunlearning-out or pass --overwrite")
+    ou_reference = bool(a.retain_reference) and OU.is_openunlearning(a.retain_reference)
+    reference = M.load_log_dir(a.retain_reference) \
+        if a.retain_reference and not ou_reference else None
     compare = _compare(a.compare)
     sets, sources = load_sets(a.forget_split, a.data_dir, a.max_examples or None)
+    if ou_reference:
+        reference = OU.load_reference(a.retain_reference,
+                                      [ex.question for ex in sets[M.FORGET]])
     spec = engine_spec(a)
     tok = AutoTokenizer.from_pretrained(a.model, revision=a.revision,
                                         trust_remote_code=a.trust_remote_code)
@@ -194,6 +210,8 @@ def run_tofu(a: argparse.Namespace) -> None:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         (tmp / "summary.md").write_text(table + "\n")
         M.plot_summary({name: metrics, **compare}, tmp / "summary.png")
+    if ou_out is not None:
+        OU.write_openunlearning(logs, ou_out, reference[M.FORGET] if reference else None)
     print(table)
     print(f"\n{name}: model utility {metrics['Model Utility']:.4f}" + (
         f", forget quality {metrics['Forget Quality']:.3g}" if reference else

@@ -1,0 +1,1 @@
+"""Whole experiments built from the other commands (``uld-vllm experiment ...``)."""
