@@ -48,6 +48,7 @@ def experiment(tiny_llama, shared_data, tmp_path_factory):
     return out, time.perf_counter() - t0
 
 
+@pytest.mark.engine
 def test_every_stage_writes_its_files(experiment):
     out, _ = experiment
     meta = json.loads((out / "experiment.json").read_text())
@@ -92,6 +93,7 @@ def test_every_stage_writes_its_files(experiment):
         assert {p.name for p in ou.iterdir()} == {"TOFU_EVAL.json", "TOFU_SUMMARY.json"}
 
 
+@pytest.mark.engine
 def test_report_fields(experiment):
     out, _ = experiment
     rep = out / "report"
@@ -133,6 +135,7 @@ def test_report_fields(experiment):
     assert all(f"| {name} |" in md for name in METHODS)
 
 
+@pytest.mark.engine
 def test_rerun_redoes_nothing_and_an_unfinished_stage_is_redone(experiment, tiny_llama,
                                                                 shared_data, capsys):
     out, first_s = experiment
@@ -162,6 +165,7 @@ def _one_line_error(capsys, needle):
     assert needle in err[0], err[0]
 
 
+@pytest.mark.engine
 def test_an_out_folder_of_another_configuration_is_refused(experiment, tiny_llama, shared_data,
                                                           capsys):
     out, _ = experiment

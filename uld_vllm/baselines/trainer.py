@@ -89,13 +89,13 @@ class FullTrainConfig:
 
 def _tokenized(rows: list[dict], source: str, formatter, max_length: int) -> list[dict]:
     from uld_vllm.train.data import to_examples
-    from uld_vllm.train.dataset import tokenize
+    from uld_vllm.train.dataset import encode_example
 
     out = []
     for ex in to_examples(rows, source, "forget"):
         if ex.prompt is None:
             raise UldError(f"{source} holds raw text rows", "pass question/answer rows")
-        out += tokenize(ex, formatter, max_length, False)
+        out += encode_example(ex, formatter, max_length, False)
     return out
 
 

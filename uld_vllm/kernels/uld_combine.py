@@ -61,6 +61,23 @@ def _online_lse(m, s, x):
 
 
 @triton.jit
+def _write_logprob_range(l_row, a_row, out_row, lo, hi, lse_l, lse_a, alpha,
+                         BLOCK: tl.constexpr):
+    """``r == 0``: write log p_target - alpha * log p_assistant for tokens ``[lo, hi)``."""
+    for start in range(lo, hi, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < hi
+        l = tl.load(l_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        a = tl.load(a_row + offs, mask=inb, other=0.0).to(tl.float32)
+        a_ninf = a == float("-inf")
+        # the reference zeroes a -inf assistant log-prob; with alpha != 0 the token is dropped
+        la = tl.where(a_ninf, 0.0, a - lse_a)
+        ok = (l > float("-inf")) & ~tl.where(alpha != 0.0, a_ninf, False)
+        out = tl.where(ok, (l - lse_l) - alpha * la, float("-inf"))
+        tl.store(out_row + offs, out, mask=inb)
+
+
+@triton.jit
 def _uld_logprob_kernel(l_ptr, a_ptr, out_ptr, alpha_ptr, stride_l, stride_a, stride_o, V,
                         BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -79,19 +96,8 @@ def _uld_logprob_kernel(l_ptr, a_ptr, out_ptr, alpha_ptr, stride_l, stride_a, st
                                                  other=float("-inf")).to(tl.float32))
         m_a, s_a = _online_lse(m_a, s_a, tl.load(a_row + offs, mask=inb,
                                                  other=float("-inf")).to(tl.float32))
-    lse_l = m_l + tl.log(s_l)
-    lse_a = m_a + tl.log(s_a)
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inb = offs < V
-        l = tl.load(l_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        a = tl.load(a_row + offs, mask=inb, other=0.0).to(tl.float32)
-        a_ninf = a == float("-inf")
-        # the reference zeroes a -inf assistant log-prob; with alpha != 0 the token is dropped
-        la = tl.where(a_ninf, 0.0, a - lse_a)
-        ok = (l > float("-inf")) & ~tl.where(alpha != 0.0, a_ninf, False)
-        out = tl.where(ok, (l - lse_l) - alpha * la, float("-inf"))
-        tl.store(out_row + offs, out, mask=inb)
+    _write_logprob_range(l_row, a_row, out_row, 0, V, m_l + tl.log(s_l), m_a + tl.log(s_a),
+                         alpha, BLOCK)
 
 
 @triton.jit
@@ -170,16 +176,7 @@ def _split_logprob_kernel(l_ptr, a_ptr, out_ptr, alpha_ptr, part_ptr, stride_l, 
                        tl.load(part + 3, mask=ok, other=0.0))
     lo = tl.program_id(1) * CHUNK
     hi = tl.minimum(lo + CHUNK, V)  # chunks need not be whole blocks
-    for start in range(lo, hi, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inb = offs < hi
-        l = tl.load(l_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        a = tl.load(a_row + offs, mask=inb, other=0.0).to(tl.float32)
-        a_ninf = a == float("-inf")
-        la = tl.where(a_ninf, 0.0, a - lse_a)
-        ok_t = (l > float("-inf")) & ~tl.where(alpha != 0.0, a_ninf, False)
-        out = tl.where(ok_t, (l - lse_l) - alpha * la, float("-inf"))
-        tl.store(out_row + offs, out, mask=inb)
+    _write_logprob_range(l_row, a_row, out_row, lo, hi, lse_l, lse_a, alpha, BLOCK)
 
 
 def _combine_split(target, assistant, out, alpha_vec, filter_ratio, mode, plan, interpret):

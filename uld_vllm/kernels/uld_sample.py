@@ -41,6 +41,34 @@ from ._utils import (
 
 
 @triton.jit
+def _best_in_range(l_row, a_row, lo, hi, thr, floor, alpha, temp, inv_t, seed,
+                   BLOCK: tl.constexpr):
+    """The best (Gumbel-noised when ``temp > 0``) ULD score over tokens ``[lo, hi)`` and its
+    first index. The noise is a function of (seed, token index) only, so one program per row
+    and split-row draw the same ids."""
+    best = tl.full((), float("-inf"), tl.float32)
+    best_idx = tl.zeros((), tl.int32)
+    for start in range(lo, hi, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < hi
+        l = tl.load(l_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        a = tl.load(a_row + offs, mask=inb, other=0.0).to(tl.float32)
+        s = _scores(l, a, thr, alpha, False)
+        s = tl.where(s >= floor, s, float("-inf"))
+        if temp > 0.0:
+            # clamps keep -log E finite: u == 0 or u == 1 must not create or hide a winner
+            u = tl.maximum(tl.rand(seed, offs), 1e-30)
+            e = tl.maximum(-tl.log(u), 1e-30)
+            s = tl.where(s > float("-inf"), s * inv_t - tl.log(e), float("-inf"))
+        # first index of the maximum, as torch.argmax (strict > keeps earlier chunks on ties)
+        c_max, c_idx = tl.max(s, 0, return_indices=True, return_indices_tie_break_left=True)
+        better = c_max > best
+        best_idx = tl.where(better, start + c_idx, best_idx)
+        best = tl.where(better, c_max, best)
+    return best, best_idx
+
+
+@triton.jit
 def _uld_sample_kernel(l_ptr, a_ptr, ids_ptr, alpha_ptr, temp_ptr, seed_ptr, top_k_ptr,
                        stride_l, stride_a, V, k, ln_r, FILTER: tl.constexpr,
                        BLOCK: tl.constexpr, NPASS: tl.constexpr):
@@ -59,25 +87,8 @@ def _uld_sample_kernel(l_ptr, a_ptr, ids_ptr, alpha_ptr, temp_ptr, seed_ptr, top
         floor = _score_floor(l_row, a_row, V, top_k, thr, alpha, BLOCK)
     inv_t = 1.0 / tl.where(temp > 0.0, temp, 1.0)
     seed = tl.load(seed_ptr + row)
-    best = tl.full((), float("-inf"), tl.float32)
-    best_idx = tl.zeros((), tl.int32)
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inb = offs < V
-        l = tl.load(l_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        a = tl.load(a_row + offs, mask=inb, other=0.0).to(tl.float32)
-        s = _scores(l, a, thr, alpha, False)
-        s = tl.where(s >= floor, s, float("-inf"))
-        if temp > 0.0:
-            # clamps keep -log E finite: u == 0 or u == 1 must not create or hide a winner
-            u = tl.maximum(tl.rand(seed, offs), 1e-30)
-            e = tl.maximum(-tl.log(u), 1e-30)
-            s = tl.where(s > float("-inf"), s * inv_t - tl.log(e), float("-inf"))
-        # first index of the maximum, as torch.argmax (strict > keeps earlier chunks on ties)
-        c_max, c_idx = tl.max(s, 0, return_indices=True, return_indices_tie_break_left=True)
-        better = c_max > best
-        best_idx = tl.where(better, start + c_idx, best_idx)
-        best = tl.where(better, c_max, best)
+    best, best_idx = _best_in_range(l_row, a_row, 0, V, thr, floor, alpha, temp, inv_t, seed,
+                                    BLOCK)
     tl.store(ids_ptr + row, best_idx.to(tl.int64))
 
 
@@ -98,26 +109,10 @@ def _split_sample_kernel(l_ptr, a_ptr, ids_ptr, alpha_ptr, temp_ptr, seed_ptr, t
     floor = tl.load(floor_ptr + row * STATE_WORDS + 3).to(tl.float32, bitcast=True)
     inv_t = 1.0 / tl.where(temp > 0.0, temp, 1.0)
     seed = tl.load(seed_ptr + row)
-    best = tl.full((), float("-inf"), tl.float32)
-    best_idx = tl.zeros((), tl.int32)
     lo = chunk * CHUNK
     hi = tl.minimum(lo + CHUNK, V)  # chunks need not be whole blocks
-    for start in range(lo, hi, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inb = offs < hi
-        l = tl.load(l_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        a = tl.load(a_row + offs, mask=inb, other=0.0).to(tl.float32)
-        s = _scores(l, a, thr, alpha, False)
-        s = tl.where(s >= floor, s, float("-inf"))
-        if temp > 0.0:
-            # the noise is a function of (seed, token index): the same draw as one program/row
-            u = tl.maximum(tl.rand(seed, offs), 1e-30)
-            e = tl.maximum(-tl.log(u), 1e-30)
-            s = tl.where(s > float("-inf"), s * inv_t - tl.log(e), float("-inf"))
-        c_max, c_idx = tl.max(s, 0, return_indices=True, return_indices_tie_break_left=True)
-        better = c_max > best
-        best_idx = tl.where(better, start + c_idx, best_idx)
-        best = tl.where(better, c_max, best)
+    best, best_idx = _best_in_range(l_row, a_row, lo, hi, thr, floor, alpha, temp, inv_t,
+                                    seed, BLOCK)
     tl.store(pval_ptr + row * S + chunk, best)
     tl.store(pidx_ptr + row * S + chunk, best_idx)
     tl.debug_barrier()
