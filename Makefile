@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/uld-vllm demo --workdir demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider --strict-markers
+	$(PY) -m pytest tests -q -p no:cacheprovider --strict-markers --durations=25
 
 # the inner loop: everything but engines, servers, Ray and model conversion (about 2 minutes)
 test-fast: $(STAMP)
