@@ -35,12 +35,11 @@ import os
 import torch
 
 from uld_vllm.core.logits import combine_with_mask, plausibility_mask, uld_logits
+from uld_vllm.engine.settings import SPARSE_HEAD_FRACTION
 from uld_vllm.errors import UldError
 
 # a child of vLLM's logger: its handler, format and level (VLLM_LOGGING_LEVEL)
 _log = logging.getLogger("vllm.uld_vllm")
-# sparse assistant head below this share of kept tokens (additional_config sparse_head_fraction)
-SPARSE_HEAD_FRACTION = 0.05
 
 
 class UldCombiner:

@@ -31,6 +31,9 @@ ULD_ARCHITECTURES = {
 }
 
 
+# the sparse assistant head runs when rows keep at most this share of the vocabulary
+SPARSE_HEAD_FRACTION = 0.05
+
 # called by name through llm.collective_rpc (no pickled functions travel)
 WORKER_EXTENSION = "uld_vllm.engine.worker.UldWorkerExtension"
 
@@ -42,7 +45,7 @@ class UldSettings:
     filter_ratio: float
     mode: str = "generate"  # "score": masked tokens keep the target logit (TOFU scoring)
     backend: str = "auto"   # "auto" | "torch" | "triton" (uld_vllm.engine.combine)
-    sparse_head_fraction: float = 0.05  # see uld_vllm.engine.combine
+    sparse_head_fraction: float = SPARSE_HEAD_FRACTION  # see uld_vllm.engine.combine
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "UldSettings":
@@ -59,7 +62,7 @@ class UldSettings:
                 filter_ratio=float(raw.get("filter_ratio", cfg.filter_ratio)),
                 mode=str(raw.get("mode", "generate")),
                 backend=str(raw.get("backend", "auto")),
-                sparse_head_fraction=float(raw.get("sparse_head_fraction", 0.05)))
+                sparse_head_fraction=float(raw.get("sparse_head_fraction", SPARSE_HEAD_FRACTION)))
         s.validate()
         return s
 
