@@ -15,6 +15,7 @@ from uld_vllm.cli import main
 from uld_vllm.experiment.tofu_mini import DONE, STAGES
 
 TOY = ["--retain-authors", "1", "--max-forget-rows", "4", "--target-epochs", "1",
+       "--target-batch-size", "4",
        "--unlearn-epochs", "1", "--uld-epochs", "1", "--batch-size", "4", "--micro-batch-size",
        "4", "--uld-batch-size", "8", "--uld-micro-batch-size", "8", "--warmup-epochs", "0",
        "--max-examples", "3", "--max-new-tokens", "8", "--max-length", "128",

@@ -20,33 +20,33 @@ finished stage and redoes an unfinished one from scratch:
    files per method (``openunlearning/<method>/``), every method's forget quality against the
    retain model (the target's included).
 
-The defaults are the real recipe for SmolLM2-135M-Instruct (30 layers):
+The defaults are TOFU shrunk to fit 90 minutes on a 2-core CPU with SmolLM2-135M-Instruct (30
+layers); the README's TOFU-mini section gives every choice and its reason:
 
-* target / retain model: <= 10 epochs, lr 1e-4, effective batch 32, AdamW, weight decay 0.01,
-  one warm-up epoch then linear decay; stops after the first epoch whose mean answer NLL is
-  below 0.05 nats (``--target-stop-loss``, 0: never): each answer token then gets ~95% of the
-  probability, enough for greedy decoding to recite it, and on this CPU an epoch of the full
-  model costs minutes. TOFU fine-tunes Llama-2-7B for 5 epochs at 1e-5; a 135 M model on 440
-  rows needs a larger step and more passes to recite its answers (the goal is forget ROUGE-L
-  recall >= 0.8, reported in ``summary.json`` as ``goals``). Neither value has been tuned on
-  the real run yet.
-* ULD: K = N/4 rounded half up, 8 of SmolLM2's 30 layers (the reference used 8 of
-  Llama-2's 32; 8 is also what the project's other SmolLM2 runs use), LoRA r 16 / alpha 32, lr
-  1e-3, batch 32, <= 10 epochs with the trainer's convergence stop, beta 5, every retain row
-  plus 2 perturbed answers per forget question on the retain side, 1 paraphrased question x 2
-  paraphrased answers per forget row on the forget side; decoding alpha 0.8, filter 0.01.
-* GA / GD / NPO: OpenUnlearning's TOFU recipe (10 epochs, batch 32, weight decay 0.01, one
-  warm-up epoch, NPO beta 0.1, alpha = gamma = 1 with a retain NLL term) with one change: the
-  learning rate. OpenUnlearning unlearns at the learning rate its TOFU targets were fine-tuned
-  with (1e-5); here that is the target's 1e-4.
+* data: forget01 and 2 retain authors (rows 0-39 of ``full.jsonl``).
+* target / retain model: <= 10 epochs, lr 2e-4, batch 8, AdamW, weight decay 0.01, one
+  warm-up epoch then linear decay; stops after the first epoch whose mean answer NLL is below
+  0.05 nats (``--target-stop-loss``, 0: never): each answer token then gets ~95% of the
+  probability, enough for greedy decoding to recite it. TOFU fine-tunes Llama-2-7B for 5
+  epochs at 1e-5; a 135 M model on 80 rows needs a larger step and more steps.
+* ULD: K = N/4 rounded half up (8 of 30), LoRA r 16 / alpha 32, lr 1e-3, batch 8, <= 5
+  epochs with the trainer's convergence stop, beta 5, every retain row plus 2 perturbed
+  answers per forget question on the retain side, 1 paraphrased question x 2 paraphrased
+  answers per forget row on the forget side; decoding alpha 0.8, filter 0.01.
+* GA / GD / NPO: OpenUnlearning's TOFU recipe (batch 32, weight decay 0.01, one warm-up
+  epoch, NPO beta 0.1, alpha = gamma = 1 with a retain NLL term) with two changes: the
+  learning rate is the target's (OpenUnlearning unlearns at the rate its targets were
+  fine-tuned with, 1e-5 there, 2e-4 here) and 5 epochs instead of 10.
 * ``--precision auto``: bf16 autocast where the hardware runs it natively (a GPU with bf16, a
   CPU with avx512_bf16/AMX), else fp32 (on an AVX2-only CPU bf16 autocast was measured several
   times slower, see the README). Master weights and saved models stay float32.
-* eval: the first 300 rows of each split (all 40 of forget01), greedy, 200 new tokens.
+* eval: the first 40 rows of each split (all 40 of forget01), greedy, 200 new tokens, float32,
+  the CPU engine's worker bound to every core while it runs (``_engine_on_every_core``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -73,14 +73,15 @@ class TofuMiniConfig:
     model: str = "smollm2-135m-instruct"
     data_dir: str = str(SHARED_DATA)
     forget_split: str = "forget01"
-    retain_authors: int = 20
+    retain_authors: int = 2
     max_forget_rows: int = 0  # 0: every row of the forget split (smoke tests use a few)
     methods: tuple = METHODS
     seed: int = 0
     precision: str = "auto"
     # target and retain model
     target_epochs: int = 10
-    target_lr: float = 1e-4
+    target_lr: float = 2e-4
+    target_batch_size: int = 8
     target_stop_loss: float = 0.05  # stop fine-tuning once the epoch's answer NLL is below
     batch_size: int = 32
     micro_batch_size: int = 8
@@ -88,21 +89,21 @@ class TofuMiniConfig:
     warmup_epochs: float = 1.0
     max_length: int = 256
     # GA / GD / NPO
-    unlearn_epochs: int = 10
-    unlearn_lr: float = 1e-4
+    unlearn_epochs: int = 5
+    unlearn_lr: float = 2e-4
     npo_beta: float = 0.1
     retain_weight: float = 1.0  # OpenUnlearning's alpha
     forget_weight: float = 1.0  # OpenUnlearning's gamma
     # ULD
     uld_num_layers: int = 0  # 0: N/4 rounded half up
-    uld_epochs: float = 10.0
+    uld_epochs: float = 5.0
     uld_lr: float = 1e-3
-    uld_batch_size: int = 32
+    uld_batch_size: int = 8
     uld_micro_batch_size: int = 8
     uld_alpha: float = 0.8
     uld_filter_ratio: float = 0.01
     # eval
-    max_examples: int = 300
+    max_examples: int = 40
     max_new_tokens: int = 200
     eval_dtype: str = "float32"
     max_model_len: int = 1024
@@ -131,6 +132,11 @@ class TofuMiniConfig:
             (self.max_examples >= 1, "--max-examples must be >= 1", "e.g. 300"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1", "e.g. 200"),
             (self.uld_num_layers >= 0, "--uld-num-layers must be >= 0", "0 means N/4"),
+            (self.micro_batch_size >= 1 and self.target_batch_size % self.micro_batch_size == 0
+             and self.batch_size % self.micro_batch_size == 0,
+             f"--target-batch-size {self.target_batch_size} and --batch-size {self.batch_size} "
+             f"must be multiples of --micro-batch-size {self.micro_batch_size}",
+             "e.g. 8, 32 and 8"),
             (self.uld_micro_batch_size >= 1
              and self.uld_batch_size % self.uld_micro_batch_size == 0,
              f"--uld-batch-size {self.uld_batch_size} is not a multiple of "
@@ -233,7 +239,8 @@ class TofuMini:
         finetune = method == "finetune"
         return FullTrainConfig(
             method=method, epochs=c.target_epochs if finetune else c.unlearn_epochs,
-            learning_rate=c.target_lr if finetune else c.unlearn_lr, batch_size=c.batch_size,
+            learning_rate=c.target_lr if finetune else c.unlearn_lr,
+            batch_size=c.target_batch_size if finetune else c.batch_size,
             micro_batch_size=c.micro_batch_size, weight_decay=c.weight_decay,
             warmup_epochs=c.warmup_epochs, max_length=c.max_length, seed=c.seed,
             precision=self._precision(), beta=c.npo_beta, gamma=c.forget_weight,
@@ -258,7 +265,8 @@ class TofuMini:
             argv += ["--retain-reference", str(self.out / "retain" / "eval")]
         a = build_parser().parse_args(argv)
         t0 = time.perf_counter()
-        a.func(a)
+        with _engine_on_every_core(self._sub):
+            a.func(a)
         summary = json.loads((folder / "eval" / "summary.json").read_text())
         return {"eval_s": round(time.perf_counter() - t0, 3), "metrics": summary["metrics"]}
 
@@ -423,6 +431,36 @@ class TofuMini:
         return summary
 
 
+@contextlib.contextmanager
+def _engine_on_every_core(log):
+    """Bind a CPU engine's worker to every allowed core while one eval runs, then restore.
+
+    vLLM's default binding keeps cores for its front end: on this project's 2-core CPU the
+    worker got one. An eval is prefill-bound and its front end mostly waits, so here the worker
+    gets them all (a 30-row ``eval tofu`` of SmolLM2: 343 s on one core, 204 s on two, the same
+    metrics). Nothing changes on a GPU or when the user set ``VLLM_CPU_OMP_THREADS_BIND``."""
+    import torch
+
+    keys = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+    cores = sorted(os.sched_getaffinity(0))
+    if torch.cuda.is_available() or keys[0] in os.environ or len(cores) < 2:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ[keys[0]] = ",".join(map(str, cores))
+    os.environ[keys[1]] = "0"
+    log(f"eval engine bound to cores {os.environ[keys[0]]} (set VLLM_CPU_OMP_THREADS_BIND to "
+        "choose)")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _num(v) -> str:
     if v is None:
         return "n/a"
@@ -501,7 +539,8 @@ _HELP = {
     "target_lr": "fine-tuning learning rate",
     "target_stop_loss": "stop fine-tuning after the first epoch whose mean answer NLL is below "
                         "this (0: never)",
-    "batch_size": "rows per optimizer step (fine-tune, GA, GD, NPO)",
+    "target_batch_size": "rows per optimizer step of the target and retain fine-tunes",
+    "batch_size": "rows per optimizer step of GA, GD and NPO (OpenUnlearning: 32)",
     "micro_batch_size": "rows per forward pass",
     "weight_decay": "AdamW weight decay (fine-tune, GA, GD, NPO)",
     "warmup_epochs": "linear warm-up, in epochs, then linear decay",

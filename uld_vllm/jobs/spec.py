@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from uld_vllm.errors import UldError
 
@@ -25,8 +26,22 @@ class EngineSpec:
     def build(self):
         from uld_vllm.engine.llm import LLM
 
-        return LLM(self.model, uld_adapter=self.uld_adapter, uld_alpha=self.uld_alpha,
-                   uld_filter_ratio=self.uld_filter_ratio, **self.vllm_kwargs)
+        llm = LLM(self.model, uld_adapter=self.uld_adapter, uld_alpha=self.uld_alpha,
+                  uld_filter_ratio=self.uld_filter_ratio, **self.vllm_kwargs)
+        warn_if_slow_dtype(llm)
+        return llm
+
+
+def warn_if_slow_dtype(llm, cpuinfo: str | None = None) -> str | None:
+    """Say on stderr when the engine's resolved dtype is one this CPU runs slowly."""
+    from uld_vllm.core.hardware import slow_engine_dtype
+
+    config = llm.llm_engine.vllm_config
+    line = slow_engine_dtype(config.model_config.dtype, config.device_config.device_type,
+                             cpuinfo)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    return line
 
 
 def add_model_args(parser, adapter_help: str, *, required: bool = True,
