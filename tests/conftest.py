@@ -13,8 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # would run on one). API servers (AsyncLLM) keep their own engine process whatever this says.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    from uld_vllm.core.hardware import every_core_worker_env
+
+    os.environ.update(every_core_worker_env())
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,6 +3,7 @@ would run slowly. Pure Python: no torch, no vLLM."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -21,7 +22,7 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def slow_engine_dtype(dtype: str, device_type: str, cpuinfo: str | None = None) -> str | None:
+def slow_engine_dtype(dtype: object, device_type: str, cpuinfo: str | None = None) -> str | None:
     """One line to print when a CPU engine runs bf16 without native bf16, else None.
 
     vLLM's ``--dtype auto`` takes the model's dtype, and many checkpoints (SmolLM2 among them)
@@ -32,3 +33,10 @@ def slow_engine_dtype(dtype: str, device_type: str, cpuinfo: str | None = None) 
         return None
     return ("uld-vllm: WARNING: the engine runs bfloat16 on a CPU without native bf16 "
             "(avx512_bf16/AMX), measured ~8x slower than float32 here: pass --dtype float32")
+
+
+def every_core_worker_env() -> dict[str, str]:
+    """vLLM CPU worker settings that give its worker every core this process may use (vLLM's
+    default keeps cores for the front end: on 2 cores the worker gets one)."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0)))),
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}

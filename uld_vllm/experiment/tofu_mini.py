@@ -441,16 +441,17 @@ def _engine_on_every_core(log):
     metrics). Nothing changes on a GPU or when the user set ``VLLM_CPU_OMP_THREADS_BIND``."""
     import torch
 
-    keys = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
-    cores = sorted(os.sched_getaffinity(0))
-    if torch.cuda.is_available() or keys[0] in os.environ or len(cores) < 2:
+    from uld_vllm.core.hardware import every_core_worker_env
+
+    env = every_core_worker_env()
+    bind = env["VLLM_CPU_OMP_THREADS_BIND"]
+    if torch.cuda.is_available() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ \
+            or "," not in bind:
         yield
         return
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ[keys[0]] = ",".join(map(str, cores))
-    os.environ[keys[1]] = "0"
-    log(f"eval engine bound to cores {os.environ[keys[0]]} (set VLLM_CPU_OMP_THREADS_BIND to "
-        "choose)")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    log(f"eval engine bound to cores {bind} (set VLLM_CPU_OMP_THREADS_BIND to choose)")
     try:
         yield
     finally:
