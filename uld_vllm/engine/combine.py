@@ -5,9 +5,12 @@ Two ways to get there, same result (``uld_logits`` semantics):
 * **dense**: one LM-head GEMM on ``[target; assistant]`` rows (``[2n, H] x [H, V]``), then
   ``uld_logits``;
 * **sparse assistant head**: the target's logits first, its plausibility mask, then the
-  assistant's logits *only for kept tokens* (``W[v] . h_a`` per kept ``v``). The filter keeps
-  at least ``floor(r * V)`` tokens and, for a confident model, not many more, so at r = 0.01 this
-  replaces a second full-vocabulary GEMM by ~1% of it. It is used when the batch keeps few
+  assistant's logits *only for kept tokens*: one GEMM of the assistant rows against the head
+  rows of the *union* of the tokens any row keeps (``_union_head``). The filter keeps at least
+  ``floor(r * V)`` tokens a row and, for a confident model, not many more; rows of one batch
+  share most of them (SmolLM2, r = 0.01, batch 32: ~3000-6500 distinct tokens of 49152, against
+  32 x 491 kept), so this reads each needed head row once and runs as one dense GEMM instead of
+  a per-row gather (memory-bound: it cost more than the dense head). It is used when the batch keeps few
   tokens (on average ``<= sparse_fraction * V`` per row: ``sparse_head_fraction`` in
   ``additional_config["uld"]``, default 0.05; 1 forces it, 0 disables it); flat
   distributions (e.g. a randomly initialised model) keep most of the vocabulary, and then the
@@ -130,8 +133,9 @@ class UldCombiner:
                     self.stats["sparse"] += 1
                     return out
             keep = plausibility_mask(l_t, self.filter_ratio)
-            # cost model: dense = one GEMM over n rows x V; sparse = one gathered head row
-            # per kept token, ~10x the cost of a GEMM row-dot on CPU (memory vs compute)
+            # cost model: dense = one GEMM over n rows x V; sparse = a gather of the union's
+            # head rows (memory-bound) plus a GEMM over the union, which rows of a flat
+            # distribution no longer share
             if int(keep.sum()) <= self.sparse_fraction * keep.numel():
                 self.stats["sparse"] += 1
                 return self._finish(l_t, _kept_logits(lm_head.weight, h_a, keep), keep,
@@ -170,8 +174,9 @@ class UldCombiner:
         if not bool(((l_t >= kth).sum(dim=-1) == k).all()):  # ties at the k-th place
             return None
         if alpha != 0.0:
-            rows = weight.index_select(0, idx.reshape(-1)).view(n, k, -1)
-            vals = vals - alpha * torch.bmm(rows.float(), h_a.float().unsqueeze(-1))[..., 0]
+            used = torch.zeros(V, dtype=torch.bool, device=l_t.device)
+            used[idx.reshape(-1)] = True
+            vals = vals - alpha * _union_head(weight, h_a, used, idx)
         out = torch.full_like(l_t, float("-inf")) if mode == "generate" else l_t.clone()
         return out.scatter_(1, idx, vals)
 
@@ -188,12 +193,26 @@ class UldCombiner:
 
 def _kept_logits(weight: torch.Tensor, h_a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Assistant logits at the kept positions, row-major (the order of ``keep.nonzero()``)."""
-    parts = []
-    h = h_a.float()
-    for b in range(keep.shape[0]):
-        cols = keep[b].nonzero()[:, 0]
-        parts.append(weight.index_select(0, cols).float() @ h[b])
-    return torch.cat(parts)
+    rows, cols = keep.nonzero(as_tuple=True)
+    return _union_head(weight, h_a, keep.any(dim=0), cols, rows)
+
+
+def _union_head(weight: torch.Tensor, h_a: torch.Tensor, used: torch.Tensor,
+                cols: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``W[cols] . h_a[row]`` for every requested (row, column), float32.
+
+    ``used``: ``[V]`` bool, the columns any row needs (a superset of ``cols``). ``cols``:
+    ``[n, k]`` (row ``b`` of ``cols`` belongs to row ``b`` of ``h_a``) or, with ``rows``, flat
+    pairs. One GEMM ``[n, H] x [H, U]`` over the U used head rows, then a gather: the head rows
+    are read once for the whole batch, not once per row that keeps them.
+    """
+    u = used.nonzero()[:, 0]
+    # position of every used column inside u (its rank among the used columns)
+    pos = torch.cumsum(used, 0) - 1
+    la = torch.nn.functional.linear(h_a.float(), weight.index_select(0, u).float())
+    if rows is None:
+        return la.gather(1, pos[cols])
+    return la[rows, pos[cols]]
 
 
 def _plain_head(logits_processor, lm_head) -> bool:
