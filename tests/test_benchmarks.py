@@ -84,6 +84,11 @@ def test_throughput_smoke(tmp_path, workdir):
             for key in ("tokens", "seconds", "tokens_per_s", "batch"):
                 assert positive(res[key]), (w["name"], s, key, res)
             assert res["runs_s"] and all(positive(x) for x in res["runs_s"])
+            n_req = (w["reference_prompts"] if s.startswith("reference") and w["kind"] == "eval"
+                     else w["prompts"])
+            # the same median time under both rates
+            assert res["requests_per_s"] / res["tokens_per_s"] == pytest.approx(
+                n_req / res["tokens"], rel=1e-9)
         for key in ("uld_over_plain", "uld_over_reference_b4", "uld_over_reference_vllm_batch"):
             assert positive(w["ratios"][key])
         # fp32 on both sides: ULD in the engine is token-identical to the two-model reference
@@ -99,9 +104,23 @@ def test_throughput_smoke(tmp_path, workdir):
     assert ev["prompts"] == 6 and ev["reference_prompts"] == 5 and ev["source"]
     assert ev["results"]["reference_b4"]["batch"] == 4
     assert ev["results"]["reference_vllm_batch"]["batch"] == 5
-    assert set(rep["targets"]) == {"uld_over_reference_b4 eval"}  # no batch-32 decode here
+    # no batch-32 decode here; every ULD / plain goal also compiled and best against best
+    plain_goals = {"decode_b1": 0.93, "eval": 0.78}
+    assert set(rep["targets"]) == {"uld_over_reference_b4 eval"} | {
+        f"{pre}{w}" for w in plain_goals
+        for pre in ("uld_over_plain ", "compiled uld_over_plain ", "best uld over best plain ")}
     tgt = rep["targets"]["uld_over_reference_b4 eval"]
     assert tgt["target"] == 3.0 and positive(tgt["measured"]) and isinstance(tgt["met"], bool)
+    for w, goal in plain_goals.items():
+        row = next(x for x in rep["workloads"] if x["name"] == w)
+        assert rep["targets"][f"uld_over_plain {w}"]["measured"] == \
+            round(row["ratios"]["uld_over_plain"], 3)
+        assert rep["targets"][f"compiled uld_over_plain {w}"]["target"] == goal
+        best = rep["targets"][f"best uld over best plain {w}"]
+        rates = {**row["results"], **row["compiled"]["results"]}
+        want = max(rates["uld"]["tokens_per_s"], rates["uld_compiled"]["tokens_per_s"]) / max(
+            rates["plain"]["tokens_per_s"], rates["plain_compiled"]["tokens_per_s"])
+        assert best["measured"] == round(want, 3) and best["met"] == (want >= goal)
     assert "ULD/plain" in r.stdout and "peak RSS" in r.stdout  # the terminal table
     assert "ULD compiled" in r.stdout
 

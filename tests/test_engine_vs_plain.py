@@ -1,5 +1,7 @@
 """ULD engine vs plain vLLM: alpha 0, memory overhead, KV capacity, score mode, TP=2."""
 
+import json
+
 import pytest
 import torch
 from engine_helpers import ENGINE_KW, PROMPTS, assert_greedy_matches, shutdown
@@ -57,7 +59,7 @@ def test_alpha_zero_equals_plain_vllm(plain, uld_alpha0):
     assert uld_alpha0["greedy"] == plain["greedy"]
 
 
-def test_parameter_overhead_is_the_lora_only(plain, uld_alpha0, llama_adapter):
+def test_parameter_overhead_is_the_lora_only(plain, uld_alpha0, llama_adapter, tiny_llama):
     from safetensors.torch import load_file
 
     s = uld_alpha0["summary"]
@@ -68,6 +70,14 @@ def test_parameter_overhead_is_the_lora_only(plain, uld_alpha0, llama_adapter):
     lora_numel = sum(t.numel() for t in load_file(llama_adapter / "adapter_model.safetensors")
                      .values())
     assert s["uld_lora_numel"] == lora_numel
+    # the fused q/k/v and gate/up B matrices are block-diagonal: their zero blocks are stored
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    r = json.loads((llama_adapter / "adapter_config.json").read_text())["r"]
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    zeros = 2 * r * (q + 2 * kv) + 2 * r * cfg["intermediate_size"]
+    k = json.loads((llama_adapter / "uld_config.json").read_text())["num_layers"]
+    assert s["uld_stored_numel"] == lora_numel + k * zeros
     assert s["shares_target_layers"] is True
 
 

@@ -10,8 +10,8 @@ Two ways to get there, same result (``uld_logits`` semantics):
   ``floor(r * V)`` tokens a row and, for a confident model, not many more; rows of one batch
   share most of them (SmolLM2, r = 0.01, batch 32: ~3000-6500 distinct tokens of 49152, against
   32 x 491 kept), so this reads each needed head row once and runs as one dense GEMM instead of
-  a per-row gather (memory-bound: it cost more than the dense head). It is used when the batch keeps few
-  tokens (on average ``<= sparse_fraction * V`` per row: ``sparse_head_fraction`` in
+  a per-row gather (memory-bound: it cost more than the dense head). It is used when the
+  batch keeps few tokens (on average ``<= sparse_fraction * V`` per row: ``sparse_head_fraction`` in
   ``additional_config["uld"]``, default 0.05; 1 forces it, 0 disables it); flat
   distributions (e.g. a randomly initialised model) keep most of the vocabulary, and then the
   dense GEMM is cheaper.

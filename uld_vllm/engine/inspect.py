@@ -14,11 +14,13 @@ def kv_cache_groups(worker) -> list[dict]:
             for g in cfg.kv_cache_groups]
 
 
-def _weight_numel(module) -> int:
+def _weight_numel(module, *, stored: bool) -> int:
     # CPU linears drop .weight after repacking it; the shard sizes are kept as attributes.
     n_in = getattr(module, "input_size_per_partition", module.input_size)
     n_out = getattr(module, "output_size_per_partition", module.output_size)
-    return int(n_in) * int(n_out)
+    # a fused LoRA B is block-diagonal: each output row holds r of its n_blocks * r inputs
+    blocks = 1 if stored else len(getattr(module, "output_sizes", None) or [None])
+    return int(n_in) * int(n_out) // blocks
 
 
 def model_summary(model) -> dict:
@@ -27,13 +29,15 @@ def model_summary(model) -> dict:
 
     names = sorted(n for n, _ in model.named_parameters())
     summary = {"param_names": names, "uld_param_names": [], "uld_lora_numel": 0,
-               "shares_target_layers": None, "uld_attention_layers": []}
+               "uld_stored_numel": 0, "shares_target_layers": None, "uld_attention_layers": []}
     uld_layers = getattr(model, "uld_layers", None)
     if uld_layers is None:
         return summary
     summary["uld_param_names"] = [n for n in names if n.startswith("uld_layers.")]
-    summary["uld_lora_numel"] = sum(_weight_numel(m) for m in uld_layers.modules()
-                                    if isinstance(m, LinearBase))
+    linears = [m for m in uld_layers.modules() if isinstance(m, LinearBase)]
+    # the adapter's values, and what the engine holds (plus the fused B's zero blocks)
+    summary["uld_lora_numel"] = sum(_weight_numel(m, stored=False) for m in linears)
+    summary["uld_stored_numel"] = sum(_weight_numel(m, stored=True) for m in linears)
     summary["shares_target_layers"] = all(
         layer._base[0] is model.model.layers[i] for i, layer in enumerate(uld_layers.values()))
     summary["uld_attention_layers"] = [layer.attn.layer_name for layer in uld_layers.values()]
