@@ -19,7 +19,7 @@ def _weight_numel(module, *, stored: bool) -> int:
     n_in = getattr(module, "input_size_per_partition", module.input_size)
     n_out = getattr(module, "output_size_per_partition", module.output_size)
     # a fused LoRA B is block-diagonal: each output row holds r of its n_blocks * r inputs
-    blocks = 1 if stored else len(getattr(module, "output_sizes", None) or [None])
+    blocks = 1 if stored else len(getattr(module, "output_sizes", [None]))
     return int(n_in) * int(n_out) // blocks
 
 
