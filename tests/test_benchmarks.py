@@ -20,8 +20,9 @@ TINY = ["--hidden", "64", "--layers", "2", "--vocab", "512", "--kv-cache-gib", "
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run(args, timeout):
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+def run(args, timeout, **env_extra):
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false",
+               **env_extra)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env)
 
@@ -63,8 +64,11 @@ def test_throughput_smoke(tmp_path, workdir):
     out = tmp_path / "out"
     r = run(["benchmarks/throughput.py", *TINY, "--workdir", str(workdir), "--batches", "1",
              "2", "--new-tokens", "8", "--eval-prompts", "6", "--eval-max-tokens", "8",
-             "--reference-eval-prompts", "5", "--repeats", "1", "--uld-filter-ratio", "0.05",
-             "--compiled", "--out", str(out)], 600)
+             "--reference-eval-prompts", "5", "--repeats", "2", "--eval-repeats", "2",
+             "--uld-filter-ratio", "0.05",
+             "--compiled", "--out", str(out)], 900,
+            # as users run it: every engine in its own processes (conftest runs them in-process)
+            VLLM_ENABLE_V1_MULTIPROCESSING="1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((out / "throughput.json").read_text())
     check_common(rep, out, "throughput")
@@ -75,6 +79,11 @@ def test_throughput_smoke(tmp_path, workdir):
         assert positive(rep["systems"][s]["peak_rss_mib"]) and positive(
             rep["systems"][s]["start_s"])
     assert positive(rep["systems"]["uld"]["max_num_seqs"])
+    # every vLLM worker on the bound core; the front-end on the others (when there are any)
+    for s in ("plain", "uld", "plain_compiled", "uld_compiled"):
+        assert rep["systems"][s]["worker_cores"] == [0], s
+    if rep["threads"]["cores_available"] > 1:
+        assert rep["threads"]["frontend_cores"] and 0 not in rep["threads"]["frontend_cores"]
     assert [w["name"] for w in rep["workloads"]] == ["decode_b1", "decode_b2", "eval"]
     for w in rep["workloads"]:
         assert w["kind"] in ("decode", "eval") and positive(w["batch"])
@@ -91,6 +100,14 @@ def test_throughput_smoke(tmp_path, workdir):
                 n_req / res["tokens"], rel=1e-9)
         for key in ("uld_over_plain", "uld_over_reference_b4", "uld_over_reference_vllm_batch"):
             assert positive(w["ratios"][key])
+        # both vLLM systems ran every repeat (interleaved), each paired with its neighbour
+        for s in ("plain", "uld"):
+            assert len(w["results"][s]["runs_s"]) == 2, (w["name"], s)
+        u, p = w["results"]["uld"], w["results"]["plain"]
+        assert w["paired_uld_over_plain"] == [
+            round(u["tokens"] / tu / (p["tokens"] / tp), 4)
+            for tu, tp in zip(u["runs_s"], p["runs_s"])]
+        assert len(w["compiled"]["paired_uld_over_plain"]) == 2
         # fp32 on both sides: ULD in the engine is token-identical to the two-model reference
         assert w["uld_greedy_same_as_reference"] == 1.0, w["name"]
         c = w["compiled"]  # --compiled: the same workload on compiled engines
@@ -123,6 +140,8 @@ def test_throughput_smoke(tmp_path, workdir):
         assert best["measured"] == round(want, 3) and best["met"] == (want >= goal)
     assert "ULD/plain" in r.stdout and "peak RSS" in r.stdout  # the terminal table
     assert "ULD compiled" in r.stdout
+    assert "decode b2 x8 ULD/plain compiled, each repeat against the plain run beside it" \
+        in r.stdout
 
 
 def test_serving_smoke(tmp_path, workdir):

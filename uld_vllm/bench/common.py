@@ -161,19 +161,66 @@ def bind_cpu(threads: int) -> dict:
                          f"{cores}"}
 
 
-class PeakRSS:
-    """Peak of the summed RSS of ``pid`` (default: this process) and all its descendants.
+def pin_frontend(bind: dict) -> list[int]:
+    """Move this process (vLLM's front-end; its engine-core processes inherit it) off the
+    worker's cores, onto the cores left over; returns them ([] when none is left over).
 
-    Sampled every ``interval`` seconds in a thread while the ``with`` block runs; pages shared
-    between processes are counted once per process.
+    The engine-core process polls while the worker computes: left unbound, the kernel may run
+    it, or the front-end's detokenising, on the worker's core, and the worker then loses time
+    in proportion to how long its steps are. The worker binds itself to its own cores
+    (``VLLM_CPU_OMP_THREADS_BIND``), whatever this process's mask is. With
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine runs in this process: nothing is moved.
+    """
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
+        return []
+    rest = [c for c in sorted(os.sched_getaffinity(0)) if c not in bind["cores"]]
+    if rest:
+        os.sched_setaffinity(0, rest)
+        bind["frontend_cores"] = rest
+        bind["vllm"] = (f"worker bound to cores {bind['cores']} with OMP_NUM_THREADS="
+                        f"{bind['threads']}; front-end and engine-core processes on cores "
+                        f"{rest}")
+    return rest
+
+
+def worker_cores(pids: set[int]) -> list[int] | None:
+    """The CPU affinity of the vLLM worker among ``pids``' process trees (the engine's own
+    processes); with no such process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine runs in
+    this process, whose thread its worker binds) this thread's. None when none is found."""
+    import psutil
+
+    if not pids:
+        return sorted(os.sched_getaffinity(0))
+    found = {}
+    for pid in pids:
+        try:
+            for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+                for role in ("Worker", "EngineCore"):
+                    if role in proc.name():
+                        found.setdefault(role, sorted(proc.cpu_affinity()))
+        except psutil.Error:
+            continue
+    return found.get("Worker", found.get("EngineCore"))
+
+
+class PeakRSS:
+    """Peak of the summed RSS of ``pid`` (default: this process) and its descendants.
+
+    ``children``: when set (a set of ``pid``'s direct children, filled in once they exist),
+    only those children's process trees are counted beside ``pid``: two engines alive in one
+    process are each measured as the front-end plus their own processes. Sampled every
+    ``interval`` seconds in a thread while the ``with`` block runs; pages shared between
+    processes are counted once per process.
     """
 
-    METHOD = ("peak of the summed RSS of the process and all its descendants (psutil, "
-              "sampled every 0.1 s)")
+    METHOD = ("peak of the summed RSS of the process and its engine's descendant processes "
+              "(psutil, sampled every 0.1 s; an engine alive at the same time is not counted)")
 
-    def __init__(self, pid: int | None = None, interval: float = 0.1):
+    def __init__(self, pid: int | None = None, interval: float = 0.1,
+                 children: set[int] | None = None):
         self.pid = pid or os.getpid()
         self.interval = interval
+        self.children = children
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -183,7 +230,13 @@ class PeakRSS:
 
         try:
             root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
+            if self.children is None:
+                procs = [root, *root.children(recursive=True)]
+            else:
+                procs = [root]
+                for child in root.children():
+                    if child.pid in self.children:
+                        procs += [child, *child.children(recursive=True)]
         except psutil.Error:
             return 0
         total = 0

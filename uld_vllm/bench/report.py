@@ -65,7 +65,9 @@ def throughput_table(rep: dict) -> str:
         f"model: {m['model']} ({m.get('parameters') or '?'} parameters; hidden {m['hidden']}, "
         f"{m['layers']} layers, vocab {m['vocab']}); ULD K={m['k']}, alpha {m['alpha']}, "
         f"filter ratio {m['filter_ratio']}",
-        f"threads: {t['threads']} (VLLM_CPU_OMP_THREADS_BIND={t['VLLM_CPU_OMP_THREADS_BIND']}, "
+        f"threads: {t['threads']}"
+        + (f", front-end on cores {t['frontend_cores']}" if t.get("frontend_cores") else "")
+        + f" (VLLM_CPU_OMP_THREADS_BIND={t['VLLM_CPU_OMP_THREADS_BIND']}, "
         f"VLLM_CPU_NUM_OF_RESERVED_CPU={t['VLLM_CPU_NUM_OF_RESERVED_CPU']}; reference: "
         f"{t['reference']}); KV cache {rep['kv_cache_gib']} GiB",
         "",
@@ -80,6 +82,13 @@ def throughput_table(rep: dict) -> str:
     for w in rep["workloads"]:
         lines.append(f"{workload_label(w)}: ULD greedy output identical to the reference on "
                      f"{w['uld_greedy_same_as_reference']:.0%} of prompts")
+    for w in rep["workloads"]:
+        # the spread of the interleaved repeats: how far one repeat's ratio is from the median
+        for mode, paired in (("eager", w.get("paired_uld_over_plain")),
+                             ("compiled", w.get("compiled", {}).get("paired_uld_over_plain"))):
+            if paired:
+                lines.append(f"{workload_label(w)} ULD/plain {mode}, each repeat against the "
+                             f"plain run beside it: " + ", ".join(f"{x:.3f}" for x in paired))
     for label, tgt in rep["targets"].items():
         lines.append(f"target {label} >= {tgt['target']}: measured {tgt['measured']:.3f} -> "
                      f"{'MET' if tgt['met'] else 'MISSED'}")

@@ -1,16 +1,20 @@
 """`uld-vllm bench throughput`: tokens/s of plain vLLM, the ULD engine and the reference decoder.
 
-One process measures, on the same model and the same prompt token ids, in turn:
+One process measures, on the same model and the same prompt token ids:
 
 1. ``plain``: plain vLLM serving the target (``vllm.LLM``);
 2. ``uld``: ULD through this project's engine (``uld_vllm.LLM(model, uld_adapter=...)``);
+   both engines are alive together and take turns on every repeat of every workload (the
+   first to go alternates), so that the machine's drift lands on both; with ``--compiled``
+   the compiled pair runs the same way after the eager pair has stopped;
 3. ``reference_b4``: the reference-style decoder (two HF models stepped one after the other,
    static batches of 4, as the original implementation evaluates);
 4. ``reference_vllm_batch``: the same decoder with the batch vLLM ran (the whole batch).
 
 Workloads: fixed-length decode (``--batches`` x ``--new-tokens``, ``ignore_eos``, prompts of
 ``--prompt-tokens`` tokens) and a TOFU-like eval (``--eval-prompts`` TOFU questions formatted as
-the demo does, greedy, up to ``--eval-max-tokens`` new tokens, stopping at EOS). Writes
+the demo does, greedy, up to ``--eval-max-tokens`` new tokens, stopping at EOS). vLLM's
+worker gets ``--threads`` cores; this process (front-end, engine core) the remaining ones. Writes
 ``throughput.json`` and ``throughput.png`` to ``--out`` and prints a table.
 """
 
@@ -51,6 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     w.add_argument("--prompt-tokens", type=int, default=32, help="decode prompt length")
     w.add_argument("--repeats", type=int, default=3,
                    help="decode runs per vLLM system (the median is reported)")
+    w.add_argument("--eval-repeats", type=int, default=3,
+                   help="eval runs per vLLM system (the median is reported)")
     w.add_argument("--reference-repeats", type=int, default=1,
                    help="decode runs per reference system (minutes each at full size)")
     w.add_argument("--eval-prompts", type=int, default=300, help="0 skips the eval")
@@ -73,7 +79,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("batches", "new_tokens"):
         if min(getattr(a, name)) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("prompt_tokens", "repeats", "reference_repeats", "eval_max_tokens",
+    for name in ("prompt_tokens", "repeats", "eval_repeats", "reference_repeats", "eval_max_tokens",
                  "reference_batch"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -98,43 +104,77 @@ def make_workloads(args, model: str, log) -> list[dict]:
         loads.append({"name": "eval", "kind": "eval", "batch": len(prompts),
                       "max_tokens": args.eval_max_tokens, "ignore_eos": False,
                       "prompts": prompts, "reference_prompts": min(n_ref, len(prompts)),
-                      "source": source, "template": template, "repeats": 1})
+                      "source": source, "template": template,
+                      "repeats": args.eval_repeats})
         log(f"eval: {len(prompts)} questions from {source}, prompt format {template}, prompt "
             f"tokens {min(map(len, prompts))}-{max(map(len, prompts))}")
     return loads
 
 
-def run_vllm(make, loads, log) -> tuple[dict, dict, dict]:
-    """Start one engine, run every workload, stop it. Returns (system facts, results, outputs)."""
+def start_engine(name: str, make, loads, log) -> dict:
+    """Start one engine and warm it up; its memory is sampled until ``stop_engine``."""
+    import psutil
     from vllm import SamplingParams
 
-    results, outputs = {}, {}
-    with common.PeakRSS() as mem:
-        t0 = time.perf_counter()
-        llm = make()
-        start_s = time.perf_counter() - t0
-        llm.generate([{"prompt_token_ids": loads[0]["prompts"][0]}],
-                     SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-        for w in loads:
-            params = SamplingParams(max_tokens=w["max_tokens"], temperature=0.0,
-                                    ignore_eos=w["ignore_eos"])
-            inputs = [{"prompt_token_ids": p} for p in w["prompts"]]
-            times = []
-            for _ in range(w["repeats"]):
+    me = psutil.Process()
+    before = {c.pid for c in me.children()}
+    mem = common.PeakRSS().__enter__()
+    t0 = time.perf_counter()
+    llm = make()
+    start_s = time.perf_counter() - t0
+    llm.generate([{"prompt_token_ids": loads[0]["prompts"][0]}],
+                 SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    # from here on only this engine's own processes count towards its memory
+    mem.children = {c.pid for c in me.children()} - before
+    sched = getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+    facts = {"start_s": round(start_s, 3), "max_num_seqs": getattr(sched, "max_num_seqs", None),
+             "worker_cores": common.worker_cores(mem.children)}
+    log(f"  {name}: started in {start_s:.1f} s, worker on cores {facts['worker_cores']}")
+    return {"name": name, "llm": llm, "mem": mem, "facts": facts}
+
+
+def stop_engine(engine: dict) -> dict:
+    shutdown(engine.pop("llm"))
+    engine["mem"].__exit__(None, None, None)
+    return {**engine["facts"], "peak_rss_mib": engine["mem"].peak_mib}
+
+
+def run_interleaved(engines: list[dict], loads, log) -> tuple[dict, dict]:
+    """Every workload's repeats on all ``engines``, alternating which goes first.
+
+    The engines are alive together and take turns, so a drift of the machine's speed over the
+    minutes a run takes (measured here: the same engine
+    12 % slower in a later run of the same command) lands
+    on both systems instead of on whichever ran second. Returns (results, outputs) by name.
+    """
+    from vllm import SamplingParams
+
+    results = {e["name"]: {} for e in engines}
+    outputs = {e["name"]: {} for e in engines}
+    for w in loads:
+        params = SamplingParams(max_tokens=w["max_tokens"], temperature=0.0,
+                                ignore_eos=w["ignore_eos"])
+        inputs = [{"prompt_token_ids": p} for p in w["prompts"]]
+        times = {e["name"]: [] for e in engines}
+        for rep in range(w["repeats"]):
+            for e in (engines if rep % 2 == 0 else engines[::-1]):
                 t = time.perf_counter()
-                outs = llm.generate(inputs, params, use_tqdm=False)
-                times.append(time.perf_counter() - t)
-            ids = [list(o.outputs[0].token_ids) for o in outs]
-            results[w["name"]] = _rate(ids, times, batch=len(inputs))
-            outputs[w["name"]] = ids
-            log(f"  {w['name']}: {results[w['name']]['tokens_per_s']:.1f} tokens/s")
-        sched = getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None)
-        facts = {"start_s": round(start_s, 3),
-                 "max_num_seqs": getattr(sched, "max_num_seqs", None)}
-        shutdown(llm)
-        del llm
-    facts["peak_rss_mib"] = mem.peak_mib
-    return facts, results, outputs
+                outs = e["llm"].generate(inputs, params, use_tqdm=False)
+                times[e["name"]].append(time.perf_counter() - t)
+                outputs[e["name"]][w["name"]] = [list(o.outputs[0].token_ids) for o in outs]
+        for e in engines:
+            results[e["name"]][w["name"]] = _rate(outputs[e["name"]][w["name"]],
+                                                  times[e["name"]], batch=len(inputs))
+        log(f"  {w['name']}: " + ", ".join(
+            f"{n} {r[w['name']]['tokens_per_s']:.1f}" for n, r in results.items())
+            + f" tokens/s (median of {w['repeats']}, alternating)")
+    return results, outputs
+
+
+def paired_ratios(uld: dict, plain: dict) -> list[float]:
+    """ULD / plain tokens/s of each repeat against the plain run next to it in time."""
+    return [round((uld["tokens"] / tu) / (plain["tokens"] / tp), 4)
+            for tu, tp in zip(uld["runs_s"], plain["runs_s"])]
 
 
 def run_reference(model, adapter, args, loads, vllm_batch: dict, bind: dict, log):
@@ -207,6 +247,7 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = print
     bind = common.bind_cpu(args.threads)
+    common.pin_frontend(bind)
     load_before = common.load_average()
     m = common.resolve_model(args, log=log)
     facts = common.model_facts(m["model"], m["adapter"], alpha=args.uld_alpha,
@@ -239,17 +280,19 @@ def main(argv: list[str]) -> int:
     uld_kw = dict(uld_adapter=m["adapter"], uld_alpha=args.uld_alpha,
                   uld_filter_ratio=args.uld_filter_ratio)
     systems, results, outputs = {}, {}, {}
-    for name, make in (("plain", lambda: PlainLLM(m["model"], **kw)),
-                       ("uld", lambda: uld_vllm.LLM(m["model"], **uld_kw, **kw))):
-        log(f"{name}: starting the engine")
-        systems[name], results[name], outputs[name] = run_vllm(make, loads, log)
-    if args.compiled:
-        ckw = dict(kw, enforce_eager=False)
-        for name, make in (("plain_compiled", lambda: PlainLLM(m["model"], **ckw)),
-                           ("uld_compiled", lambda: uld_vllm.LLM(m["model"], **uld_kw,
-                                                                 **ckw))):
-            log(f"{name}: starting the engine (vLLM compiles it)")
-            systems[name], results[name], outputs[name] = run_vllm(make, loads, log)
+    modes = [("", kw)] + ([("_compiled", dict(kw, enforce_eager=False))] if args.compiled else [])
+    for suffix, mkw in modes:
+        engines = []
+        for name, make in (("plain", lambda mkw=mkw: PlainLLM(m["model"], **mkw)),
+                           ("uld", lambda mkw=mkw: uld_vllm.LLM(m["model"], **uld_kw, **mkw))):
+            log(f"{name}{suffix}: starting the engine" + (" (vLLM compiles it)" if suffix
+                                                          else ""))
+            engines.append(start_engine(name + suffix, make, loads, log))
+        res, outs = run_interleaved(engines, loads, log)
+        for e in engines:
+            systems[e["name"]] = stop_engine(e)
+        results.update(res)
+        outputs.update(outs)
     seqs = systems["uld"]["max_num_seqs"] or 256
     vllm_batch = {w["name"]: min(len(w["prompts"]), seqs) for w in loads}
     log("reference: loading the two HF models")
@@ -269,6 +312,8 @@ def main(argv: list[str]) -> int:
         row["results"] = {s: results[s][w["name"]] for s in SYSTEMS}
         row["ratios"] = {r: row["results"]["uld"]["tokens_per_s"]
                          / row["results"][s]["tokens_per_s"] for r, s in RATIOS.items()}
+        row["paired_uld_over_plain"] = paired_ratios(row["results"]["uld"],
+                                                     row["results"]["plain"])
         n = row.get("reference_prompts", row["prompts"])
         same = sum(a == b for a, b in zip(outputs["uld"][w["name"]][:n],
                                           outputs["reference"][w["name"]]))
@@ -279,6 +324,8 @@ def main(argv: list[str]) -> int:
                 "results": c,
                 "uld_over_plain": c["uld_compiled"]["tokens_per_s"]
                 / c["plain_compiled"]["tokens_per_s"],
+                "paired_uld_over_plain": paired_ratios(c["uld_compiled"],
+                                                       c["plain_compiled"]),
                 "uld_compiled_over_eager": c["uld_compiled"]["tokens_per_s"]
                 / row["results"]["uld"]["tokens_per_s"],
                 "uld_greedy_same_as_eager": sum(

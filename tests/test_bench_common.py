@@ -1,0 +1,94 @@
+"""The benchmark helpers that decide what a measurement counts: memory of one engine among
+two alive, the front-end's cores, and the paired ratios of interleaved runs."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from uld_vllm.bench import common
+from uld_vllm.bench.throughput import paired_ratios
+
+HOLD = "import sys, time; b = bytearray({n} * 2**20); b[::4096] = b'x' * len(b[::4096]); " \
+       "print('ready', flush=True); time.sleep(60)"
+
+
+def _child(mib: int) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLD.format(n=mib)], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def test_peak_rss_counts_only_the_named_children():
+    small, big = _child(20), _child(300)
+    try:
+        everything = common.PeakRSS().sample()
+        only_small = common.PeakRSS(children={small.pid}).sample()
+        only_big = common.PeakRSS(children={big.pid}).sample()
+        mib = 2**20
+        # the 300 MiB child is in the full count and in its own, not in the other's
+        assert only_big - only_small > 250 * mib
+        assert everything - only_small > 250 * mib
+        assert abs(everything - (only_small + only_big - common.PeakRSS(children=set())
+                                 .sample())) < 40 * mib
+    finally:
+        small.kill()
+        big.kill()
+
+
+def test_peak_rss_with_block_samples_a_child_started_inside():
+    with common.PeakRSS(interval=0.05) as mem:
+        start = mem.peak
+        p = _child(200)
+        time.sleep(0.3)
+        p.kill()
+    assert mem.peak - start > 150 * 2**20
+
+
+def _keep_env(monkeypatch):
+    # bind_cpu writes vLLM's binding variables into os.environ: restore them afterwards
+    for key in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # conftest runs engines in-process
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_pin_frontend_moves_this_process_off_the_worker_cores(monkeypatch):
+    _keep_env(monkeypatch)
+    saved = os.sched_getaffinity(0)
+    try:
+        bind = common.bind_cpu(1)
+        rest = common.pin_frontend(bind)
+        assert rest and bind["cores"][0] not in rest
+        assert sorted(os.sched_getaffinity(0)) == rest == bind["frontend_cores"]
+        assert f"cores {rest}" in bind["vllm"]
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def test_pin_frontend_leaves_the_mask_when_the_worker_has_every_core(monkeypatch):
+    _keep_env(monkeypatch)
+    saved = os.sched_getaffinity(0)
+    bind = common.bind_cpu(len(saved))
+    assert common.pin_frontend(bind) == [] and "frontend_cores" not in bind
+    assert os.sched_getaffinity(0) == saved
+
+
+def test_paired_ratios_pair_runs_by_position():
+    uld = {"tokens": 100, "runs_s": [2.0, 1.0, 4.0]}
+    plain = {"tokens": 120, "runs_s": [1.0, 1.2, 2.4]}
+    # run i: (100 / uld_i) / (120 / plain_i)
+    assert paired_ratios(uld, plain) == [0.4167, 1.0, 0.5]
+
+
+def test_pin_frontend_moves_nothing_when_the_engine_runs_in_this_process(monkeypatch):
+    _keep_env(monkeypatch)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    saved = os.sched_getaffinity(0)
+    bind = common.bind_cpu(1)
+    assert common.pin_frontend(bind) == [] and "frontend_cores" not in bind
+    assert os.sched_getaffinity(0) == saved
