@@ -28,10 +28,12 @@ def test_peak_rss_counts_only_the_named_children():
         everything = common.PeakRSS().sample()
         only_small = common.PeakRSS(children={small.pid}).sample()
         only_big = common.PeakRSS(children={big.pid}).sample()
+        without_big = common.PeakRSS(exclude={big.pid}).sample()
         mib = 2**20
         # the 300 MiB child is in the full count and in its own, not in the other's
         assert only_big - only_small > 250 * mib
         assert everything - only_small > 250 * mib
+        assert everything - without_big > 250 * mib and abs(without_big - only_small) < 40 * mib
         assert abs(everything - (only_small + only_big - common.PeakRSS(children=set())
                                  .sample())) < 40 * mib
     finally:

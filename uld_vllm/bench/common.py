@@ -207,8 +207,10 @@ class PeakRSS:
     """Peak of the summed RSS of ``pid`` (default: this process) and its descendants.
 
     ``children``: when set (a set of ``pid``'s direct children, filled in once they exist),
-    only those children's process trees are counted beside ``pid``: two engines alive in one
-    process are each measured as the front-end plus their own processes. Sampled every
+    only those children's process trees are counted beside ``pid``; otherwise every child's
+    but those in ``exclude``. Two engines alive in one process are each measured as the
+    front-end plus their own processes: an engine starting excludes the children that existed
+    before it, and names its own once it has started. Sampled every
     ``interval`` seconds in a thread while the ``with`` block runs; pages shared between
     processes are counted once per process.
     """
@@ -217,10 +219,11 @@ class PeakRSS:
               "(psutil, sampled every 0.1 s; an engine alive at the same time is not counted)")
 
     def __init__(self, pid: int | None = None, interval: float = 0.1,
-                 children: set[int] | None = None):
+                 children: set[int] | None = None, exclude: set[int] | None = None):
         self.pid = pid or os.getpid()
         self.interval = interval
         self.children = children
+        self.exclude = exclude or set()
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -230,13 +233,11 @@ class PeakRSS:
 
         try:
             root = psutil.Process(self.pid)
-            if self.children is None:
-                procs = [root, *root.children(recursive=True)]
-            else:
-                procs = [root]
-                for child in root.children():
-                    if child.pid in self.children:
-                        procs += [child, *child.children(recursive=True)]
+            procs = [root]
+            for child in root.children():
+                if (child.pid in self.children if self.children is not None
+                        else child.pid not in self.exclude):
+                    procs += [child, *child.children(recursive=True)]
         except psutil.Error:
             return 0
         total = 0

@@ -73,7 +73,7 @@ def throughput_table(rep: dict) -> str:
         "",
         table(headers, rows),
         compiled,
-        "peak RSS, process + children (MiB): " + ", ".join(
+        "peak RSS, front-end process + that engine's processes (MiB): " + ", ".join(
             f"{LABELS[k]} {s[k]['peak_rss_mib']:.0f}" for k in ("plain", "uld", "reference_b4"))
         + " (both reference runs share one process phase)",
         "engine/model start (s): " + ", ".join(

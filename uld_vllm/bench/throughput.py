@@ -118,7 +118,7 @@ def start_engine(name: str, make, loads, log) -> dict:
 
     me = psutil.Process()
     before = {c.pid for c in me.children()}
-    mem = common.PeakRSS().__enter__()
+    mem = common.PeakRSS(exclude=before).__enter__()  # not an engine already running
     t0 = time.perf_counter()
     llm = make()
     start_s = time.perf_counter() - t0
