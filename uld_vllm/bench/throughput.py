@@ -143,9 +143,9 @@ def run_interleaved(engines: list[dict], loads, log) -> tuple[dict, dict]:
     """Every workload's repeats on all ``engines``, alternating which goes first.
 
     The engines are alive together and take turns, so a drift of the machine's speed over the
-    minutes a run takes (measured here: the same engine
-    12 % slower in a later run of the same command) lands
-    on both systems instead of on whichever ran second. Returns (results, outputs) by name.
+    minutes a run takes (measured here: the same engine 12 % slower in a later run of the same
+    command) lands on both systems instead of on whichever ran second. Returns (results,
+    outputs) by name.
     """
     from vllm import SamplingParams
 
