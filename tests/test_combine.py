@@ -28,8 +28,10 @@ def close(got, want):
 
 @pytest.mark.parametrize("mode", ["generate", "score"])
 @pytest.mark.parametrize("alpha", [0.8, 0.0])
-def test_top_k_rows_path_equals_uld_logits_on_confident_rows(mode, alpha):
+@pytest.mark.parametrize("rows", [7, 1])  # one row takes its own shortcut (no union)
+def test_top_k_rows_path_equals_uld_logits_on_confident_rows(mode, alpha, rows):
     W, h_t, h_a = head(scale=3.0)  # peaky rows: kept set == top-k
+    h_t, h_a = h_t[:rows], h_a[:rows]
     lt, la = h_t @ W.T, h_a @ W.T
     c = combiner(mode, alpha=alpha)
     out = c._top_k_rows(lt, W, h_a)

@@ -173,7 +173,11 @@ class UldCombiner:
             return None
         if not bool(((l_t >= kth).sum(dim=-1) == k).all()):  # ties at the k-th place
             return None
-        if alpha != 0.0:
+        if alpha != 0.0 and n == 1:
+            # the union is the row's own kept tokens: no mask, no positions, no gather
+            vals = vals - alpha * torch.nn.functional.linear(
+                h_a.float(), weight.index_select(0, idx[0]).float())
+        elif alpha != 0.0:
             used = torch.zeros(V, dtype=torch.bool, device=l_t.device)
             used[idx.reshape(-1)] = True
             vals = vals - alpha * _union_head(weight, h_a, used, idx)

@@ -47,7 +47,7 @@ def _linear(kind: str, n_in: int, n_out: int | list[int], prefix: str):
                     return_bias=False)
     # On CPU vLLM repacks a linear's weight for oneDNN, whose fixed cost per call (~35 us
     # measured here) is most of a rank-r GEMM at decode sizes; torch's F.linear costs ~10 us.
-    # vLLM's own opt-out keeps the weight and calls F.linear (64 such calls a step at K = 8).
+    # vLLM's own opt-out keeps the weight as it is, which LoRALayer multiplies with directly.
     layer._cpu_skip_gemm_dispatch = True
     return layer
 
@@ -58,6 +58,8 @@ class LoRALayer(nn.Module):
     def __init__(self, *, hidden: int, q_size: int, kv_size: int, intermediate: int, rank: int,
                  prefix: str):
         super().__init__()
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
         self.rank = rank
         self.qkv_a = _linear("rep", hidden, 3 * rank, f"{prefix}.qkv_a")
         self.qkv_b = _linear("merged", 3 * rank, [q_size, kv_size, kv_size], f"{prefix}.qkv_b")
@@ -68,18 +70,35 @@ class LoRALayer(nn.Module):
                                  f"{prefix}.gate_up_b")
         self.down_a = _linear("row", intermediate, rank, f"{prefix}.down_a")
         self.down_b = _linear("rep", rank, hidden, f"{prefix}.down_b")
+        # the row-parallel A's (o, down) see one shard of their input: partial sums
+        self._reduce_rows = get_tensor_model_parallel_world_size() > 1
 
-    def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qkv_b(self.qkv_a(x))
+    def add_qkv(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        self._add(out, x, self.qkv_a, self.qkv_b, reduce=False)
 
-    def o(self, x: torch.Tensor) -> torch.Tensor:
-        return self.o_b(self.o_a(x))
+    def add_o(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        self._add(out, x, self.o_a, self.o_b, reduce=self._reduce_rows)
 
-    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gate_up_b(self.gate_up_a(x))
+    def add_gate_up(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        self._add(out, x, self.gate_up_a, self.gate_up_b, reduce=False)
 
-    def down(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_b(self.down_a(x))
+    def add_down(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        self._add(out, x, self.down_a, self.down_b, reduce=self._reduce_rows)
+
+    @staticmethod
+    def _add(out: torch.Tensor, x: torch.Tensor, a: nn.Module, b: nn.Module,
+             reduce: bool) -> None:
+        """``out += B (A x)`` in place, as two BLAS calls on the (local) weights.
+
+        Calling the vLLM linear modules instead costs their Python and dispatch layers plus a
+        separate add: at decode sizes each of those is more than the rank-r GEMM itself, and
+        a step makes 32 such calls at K = 8 (measured in benchmarks/README.md)."""
+        h = torch.mm(x, a.weight.t())
+        if reduce:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            h = tensor_model_parallel_all_reduce(h)
+        out.addmm_(h, b.weight.t())
 
 
 def read_lora_settings(adapter_dir: str | Path) -> tuple[int, float]:

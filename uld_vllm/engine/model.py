@@ -80,7 +80,7 @@ class UldAssistantLayer(nn.Module):
             x, res = base.input_layernorm(hs, res)
 
         qkv, _ = sa.qkv_proj(x)
-        qkv[T:] += self.lora.qkv(x[T:])
+        self.lora.add_qkv(qkv[T:], x[T:])
         q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
         if getattr(sa, "qk_norm", False):
             q = sa.q_norm(q.reshape(-1, sa.num_heads, sa.head_dim)).reshape(q.shape)
@@ -89,14 +89,14 @@ class UldAssistantLayer(nn.Module):
         o_t = sa.attn(q[:T], k[:T], v[:T])
         o_a = self.attn(q[T:], k[T:], v[T:])
         out, _ = sa.o_proj(torch.cat([o_t, o_a]))
-        out[T:] += self.lora.o(o_a)
+        self.lora.add_o(out[T:], o_a)
 
         x, res = base.post_attention_layernorm(out, res)
         gu, _ = mlp.gate_up_proj(x)
-        gu[T:] += self.lora.gate_up(x[T:])
+        self.lora.add_gate_up(gu[T:], x[T:])
         act = mlp.act_fn(gu)
         down, _ = mlp.down_proj(act)
-        down[T:] += self.lora.down(act[T:])
+        self.lora.add_down(down[T:], act[T:])
         return down, res
 
 
