@@ -38,6 +38,7 @@ import os
 import torch
 
 from uld_vllm.core.logits import combine_with_mask, plausibility_mask, uld_logits
+from uld_vllm.core.topk import exact_top_k
 from uld_vllm.engine.settings import SPARSE_HEAD_FRACTION
 from uld_vllm.errors import UldError
 
@@ -156,8 +157,9 @@ class UldCombiner:
         """Fast path for confident rows: when every row's kept set is exactly its top-k.
 
         That holds when the k-th largest logit is below ``max + ln r`` (the top-k floor
-        decides) and nothing ties with it; then ``topk`` already gives the kept tokens in a
-        dense ``[n, k]`` layout, and the assistant's logits for them are one gather + bmm.
+        decides) and nothing ties with it; then ``exact_top_k`` gives the kept tokens in a
+        dense ``[n, k]`` layout (unordered), and the assistant's logits for them are one GEMM
+        over the union of the rows' kept tokens.
         Returns None when some row does not qualify (the general path then runs).
         ``alpha``/``mode``: this call's values (default: the engine's).
         """
@@ -165,13 +167,13 @@ class UldCombiner:
         mode = self.mode if mode is None else mode
         n, V = l_t.shape
         k = max(1, math.floor(self.filter_ratio * V))
-        if k > self.sparse_fraction * V:
+        if k >= V or k > self.sparse_fraction * V:
             return None
-        vals, idx = torch.topk(l_t, k, dim=-1)
-        kth = vals[:, -1:]
-        if not bool((kth < vals[:, :1] + math.log(self.filter_ratio)).all()):
+        top = exact_top_k(l_t, k)
+        if top is None:  # a tie at the k-th place: the kept set is larger than k
             return None
-        if not bool(((l_t >= kth).sum(dim=-1) == k).all()):  # ties at the k-th place
+        vals, idx = top
+        if not bool((vals.amin(dim=-1) < vals.amax(dim=-1) + math.log(self.filter_ratio)).all()):
             return None
         if alpha != 0.0 and n == 1:
             # the union is the row's own kept tokens: no mask, no positions, no gather
