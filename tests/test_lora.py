@@ -8,16 +8,35 @@ import torch
 from uld_vllm.engine.lora import LoRALayer
 
 
+def _vllm_cpu_linear(weight):
+    """A module whose weight vLLM's CPU dispatch repacked (oneDNN here) and dropped, as it
+    does for every linear of a CPU engine, the LoRA ones included."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    m = torch.nn.Module()
+    m.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    dispatch_cpu_unquantized_gemm(m, remove_weight=True)
+    assert m.weight.numel() == 0  # only the repacked copy is left
+    m.quant_method = UnquantizedLinearMethod()
+    return m
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_add_is_base_plus_b_of_a_x_on_the_assistant_rows_only(dtype, tol, rows):
+@pytest.mark.parametrize("cpu_gemm", [False, True])  # plain weights / vLLM's CPU GEMM
+def test_add_is_base_plus_b_of_a_x_on_the_assistant_rows_only(dtype, tol, rows, cpu_gemm):
     g = torch.Generator().manual_seed(0)
-    a = SimpleNamespace(weight=torch.randn(6, 23, generator=g).to(dtype))   # [r', in]
-    b = SimpleNamespace(weight=torch.randn(37, 6, generator=g).to(dtype))   # [out, r']
+    wa = torch.randn(6, 23, generator=g).to(dtype)   # [r', in]
+    wb = torch.randn(37, 6, generator=g).to(dtype)   # [out, r']
+    if cpu_gemm:
+        a, b = _vllm_cpu_linear(wa), _vllm_cpu_linear(wb)
+    else:
+        a, b = SimpleNamespace(weight=wa), SimpleNamespace(weight=wb)
     x = torch.randn(rows, 23, generator=g).to(dtype)
     base = torch.randn(2 * rows, 37, generator=g).to(dtype)  # [target; assistant] rows
     out = base.clone()
-    LoRALayer._add(out[rows:], x, a, b, reduce=False)
-    want = base[rows:].float() + (x.float() @ a.weight.float().T) @ b.weight.float().T
+    LoRALayer._add(SimpleNamespace(_cpu_gemm=cpu_gemm), out[rows:], x, a, b, reduce=False)
+    want = base[rows:].float() + (x.float() @ wa.float().T) @ wb.float().T
     assert torch.equal(out[:rows], base[:rows])  # the target's rows are untouched
     torch.testing.assert_close(out[rows:].float(), want, atol=tol * 10, rtol=tol)
