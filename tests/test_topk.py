@@ -92,6 +92,22 @@ def test_group_maxima_tied_at_the_bound():
     assert exact_top_k(x, k) is not None
 
 
+def test_group_maxima_tied_at_the_bound_without_a_tie_in_the_row():
+    # the k-th largest group maximum is shared by many groups (the search then covers the
+    # whole row), while the row's k-th value is unique: the answer is still exact
+    k, V = 5, 400
+    G = GROUPS_PER_K * k
+    x = torch.randn(2, V) * 0.01
+    x[:, :G] = 1.0                   # every group's maximum is 1.0 ...
+    x[0, 0], x[0, G] = 13.0, 12.5    # ... but group 0 holds the two largest values
+    x[0, 1], x[0, 2], x[0, 3] = 12.0, 11.0, 10.0
+    x[1] = torch.randn(V)
+    got = exact_top_k(x, k)
+    assert got is not None
+    assert sorted(got[1][0].tolist()) == [0, 1, 2, 3, G]
+    check_against_topk(x, k)
+
+
 @pytest.mark.parametrize("finite", [0, 3, 12, 40])
 def test_minus_infinity_entries(finite):
     # masked logits (a logits processor's bans): fewer than k finite values tie at -inf

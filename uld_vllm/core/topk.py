@@ -45,15 +45,31 @@ def exact_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | 
     if s < 2:  # the bound would not leave much out: one plain top-k and a tie count
         vals, idx = torch.topk(x, k, dim=-1, sorted=False)
         return _unless_tied(x, vals, idx, k)
-    group_max = x[:, :s * G].reshape(n, s, G).amax(dim=1)
-    bound = torch.topk(group_max, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    rows, cols = (x >= bound).nonzero(as_tuple=True)
+    grouped = x[:, :s * G].reshape(n, s, G)
+    group_max = grouped.amax(dim=1)
+    top_groups = torch.topk(group_max, k, dim=-1, sorted=False)
+    bound = top_groups.values.amin(dim=-1, keepdim=True)
+    if bool(((group_max >= bound).sum(dim=-1) == k).all()):
+        # no other group reaches the bound, so every value >= bound is in the k groups picked
+        # or in the tail: search those (1 / GROUPS_PER_K of the row) instead of the whole row
+        picked = grouped.gather(2, top_groups.indices.unsqueeze(1).expand(n, s, k))
+        pool = torch.cat([picked.reshape(n, s * k), x[:, s * G:]], dim=1)
+        rows, pos = (pool >= bound).nonzero(as_tuple=True)
+        # pool position -> column: (j, i) of picked is column j * G + (i-th group); the tail
+        # follows the groups' s * G columns
+        in_groups = pos < s * k
+        group_col = top_groups.indices[rows, pos % k] + (pos // k) * G
+        cols = torch.where(in_groups, group_col, pos - s * k + s * G)
+    else:  # group maxima tied at the bound (common in bf16): the whole row
+        pool = x
+        rows, pos = (pool >= bound).nonzero(as_tuple=True)
+        cols = pos
     counts = torch.bincount(rows, minlength=n)
     width = int(counts.max())
     # position of each candidate inside its row's block: its rank among that row's candidates
     slot = torch.arange(rows.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[rows]
     block = torch.full((n, width), float("-inf"), dtype=x.dtype, device=x.device)
-    block[rows, slot] = x[rows, cols]
+    block[rows, slot] = pool[rows, pos]
     block_cols = torch.zeros((n, width), dtype=torch.long, device=x.device)
     block_cols[rows, slot] = cols
     vals, pos = torch.topk(block, k, dim=-1, sorted=False)
