@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from uld_vllm.core.logits import plausibility_mask, uld_logits
-from uld_vllm.engine.combine import UldCombiner, _kept_logits
+from uld_vllm.engine.combine import UldCombiner, _head_at, _kept_logits
 
 
 def combiner(mode, ratio=0.01, alpha=0.8, frac=1.0):
@@ -69,3 +69,19 @@ def test_plausibility_mask_mixed_short_and_long_rows():
                         + torch.log(torch.tensor(0.01)))
     assert torch.equal(keep, lp >= thr)
     assert keep[3].sum() > 5 * k and (keep.sum(-1)[[0, 1, 2, 4, 5, 6]] == k).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # sampled / union GEMM
+def test_head_at_requested_pairs(dtype):
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(1271, 64, generator=g).to(dtype)
+    h = torch.randn(5, 64, generator=g).to(dtype)
+    want = h.float() @ W.float().T
+    cols = torch.stack([torch.randperm(1271, generator=g)[:9] for _ in range(5)])  # unsorted
+    torch.testing.assert_close(_head_at(W, h, cols), want.gather(1, cols), atol=1e-4, rtol=1e-5)
+    # flat pairs, rows keeping different numbers of tokens (one keeps none)
+    counts = torch.tensor([3, 0, 1, 7, 2])
+    rows = torch.repeat_interleave(torch.arange(5), counts)
+    flat = torch.randint(0, 1271, (int(counts.sum()),), generator=g)
+    torch.testing.assert_close(_head_at(W, h, flat, rows, counts), want[rows, flat],
+                               atol=1e-4, rtol=1e-5)

@@ -5,13 +5,14 @@ Two ways to get there, same result (``uld_logits`` semantics):
 * **dense**: one LM-head GEMM on ``[target; assistant]`` rows (``[2n, H] x [H, V]``), then
   ``uld_logits``;
 * **sparse assistant head**: the target's logits first, its plausibility mask, then the
-  assistant's logits *only for kept tokens*: one GEMM of the assistant rows against the head
-  rows of the *union* of the tokens any row keeps (``_union_head``). The filter keeps at least
-  ``floor(r * V)`` tokens a row and, for a confident model, not many more; rows of one batch
-  share most of them (SmolLM2, r = 0.01, batch 32: ~3000-6500 distinct tokens of 49152, against
-  32 x 491 kept), so this reads each needed head row once and runs as one dense GEMM instead of
-  a per-row gather (memory-bound: it cost more than the dense head). It is used when the
-  batch keeps few tokens (on average ``<= sparse_fraction * V`` per row: ``sparse_head_fraction`` in
+  assistant's logits *only for kept tokens* (``_head_at``). The filter keeps at least
+  ``floor(r * V)`` tokens a row and, for a confident model, not many more (491 of 49152 for
+  SmolLM2 at r = 0.01). A float32 head computes exactly those dot products
+  (``torch.sparse.sampled_addmm``); other dtypes run one GEMM against the head rows of the
+  *union* of the tokens any row keeps (``_union_head``: rows of a batch share most of them).
+  Either reads each needed head row, not the whole head, where a per-row gather of head rows
+  is memory-bound and cost more than the dense head. It is used when the batch keeps few
+  tokens (on average ``<= sparse_fraction * V`` per row: ``sparse_head_fraction`` in
   ``additional_config["uld"]``, default 0.05; 1 forces it, 0 disables it); flat
   distributions (e.g. a randomly initialised model) keep most of the vocabulary, and then the
   dense GEMM is cheaper.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 
 import torch
 
@@ -158,8 +160,8 @@ class UldCombiner:
 
         That holds when the k-th largest logit is below ``max + ln r`` (the top-k floor
         decides) and nothing ties with it; then ``exact_top_k`` gives the kept tokens in a
-        dense ``[n, k]`` layout (unordered), and the assistant's logits for them are one GEMM
-        over the union of the rows' kept tokens.
+        dense ``[n, k]`` layout (unordered), and the assistant's logits are computed for
+        those tokens only (``_head_at``).
         Returns None when some row does not qualify (the general path then runs).
         ``alpha``/``mode``: this call's values (default: the engine's).
         """
@@ -175,14 +177,8 @@ class UldCombiner:
         vals, idx = top
         if not bool((vals.amin(dim=-1) < vals.amax(dim=-1) + math.log(self.filter_ratio)).all()):
             return None
-        if alpha != 0.0 and n == 1:
-            # the union is the row's own kept tokens: no mask, no positions, no gather
-            vals = vals - alpha * torch.nn.functional.linear(
-                h_a.float(), weight.index_select(0, idx[0]).float())
-        elif alpha != 0.0:
-            used = torch.zeros(V, dtype=torch.bool, device=l_t.device)
-            used[idx.reshape(-1)] = True
-            vals = vals - alpha * _union_head(weight, h_a, used, idx)
+        if alpha != 0.0:
+            vals = vals - alpha * _head_at(weight, h_a, idx)
         out = torch.full_like(l_t, float("-inf")) if mode == "generate" else l_t.clone()
         return out.scatter_(1, idx, vals)
 
@@ -200,7 +196,38 @@ class UldCombiner:
 def _kept_logits(weight: torch.Tensor, h_a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Assistant logits at the kept positions, row-major (the order of ``keep.nonzero()``)."""
     rows, cols = keep.nonzero(as_tuple=True)
-    return _union_head(weight, h_a, keep.any(dim=0), cols, rows)
+    return _head_at(weight, h_a, cols, rows, keep.sum(dim=-1))
+
+
+def _head_at(weight: torch.Tensor, h_a: torch.Tensor, cols: torch.Tensor,
+             rows: torch.Tensor | None = None, counts: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """``W[c] . h_a[r]`` for every requested (row r, column c), float32: ``cols`` ``[n, k]``
+    (row ``b`` of ``cols`` belongs to row ``b`` of ``h_a``), or flat row-major pairs with
+    ``rows`` and each row's ``counts``.
+
+    A float32 head computes exactly these dot products (a sampled dense-dense product:
+    ``torch.sparse.sampled_addmm`` over a CSR pattern of the pairs): no gather, and no work for
+    the tokens another row keeps. Other dtypes take the union GEMM (``_union_head``), in
+    float32 as before."""
+    if weight.dtype != torch.float32 or h_a.dtype != torch.float32:
+        used = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+        used[cols.reshape(-1)] = True
+        return _union_head(weight, h_a, used, cols, rows)
+    n = h_a.shape[0]
+    if rows is None:
+        k = cols.shape[1]
+        crow = torch.arange(0, n * k + 1, k, device=cols.device)
+    else:
+        crow = torch.zeros(n + 1, dtype=torch.long, device=cols.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+    with warnings.catch_warnings():  # torch's one-time notice that CSR support is beta
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1),
+                                          torch.zeros(cols.numel(), device=cols.device),
+                                          size=(n, weight.shape[0]), check_invariants=False)
+        out = torch.sparse.sampled_addmm(pattern, h_a, weight.t(), beta=0.0)
+    return out.values().view(cols.shape)
 
 
 def _union_head(weight: torch.Tensor, h_a: torch.Tensor, used: torch.Tensor,
