@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from uld_vllm.core.logits import plausibility_mask, uld_logits
-from uld_vllm.engine.combine import UldCombiner, _head_at, _kept_logits
+from uld_vllm.core.topk import top_k_with_ties
+from uld_vllm.engine.combine import UldCombiner, _head_at, _kept_logits, _mask_from_top_k
 
 
 def combiner(mode, ratio=0.01, alpha=0.8, frac=1.0):
@@ -39,12 +40,35 @@ def test_top_k_rows_path_equals_uld_logits_on_confident_rows(mode, alpha, rows):
     close(out, uld_logits(lt, la, alpha=alpha, filter_ratio=0.01, mode=mode))
 
 
-def test_top_k_rows_path_declines_flat_rows_and_ties():
+def test_top_k_rows_path_declines_flat_rows():
     W, h_t, h_a = head(scale=0.01)  # flat rows: the ratio test keeps more than top-k
     assert combiner("generate")._top_k_rows(h_t @ W.T, W, h_a) is None
-    lt = torch.zeros(2, 1271)
-    lt[:, :5] = 10.0  # 5-way tie at the top, k = 12 -> ties at the 12th place too
-    assert combiner("generate")._top_k_rows(lt, W, h_a[:2]) is None
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_top_k_rows_path_keeps_ties_at_the_kth_place(mode):
+    W, h_t, h_a = head(scale=3.0)
+    lt = (h_t[:3] @ W.T).bfloat16().float()  # bf16 logits: few distinct values
+    top = lt[1].max()
+    lt[1, :5] = top + 10  # 5 far above the rest, then 20 equal values: k = 12 ties at 20
+    lt[1, 5:25] = top
+    la = h_a[:3] @ W.T
+    keep = plausibility_mask(lt, 0.01)
+    assert int(keep[1].sum()) >= 25  # the whole tie is kept
+    out = combiner(mode)._top_k_rows(lt, W, h_a[:3])
+    assert out is not None
+    close(out, uld_logits(lt, la, alpha=0.8, filter_ratio=0.01, mode=mode))
+
+
+def test_mask_from_top_k_is_the_plausibility_mask():
+    W, h_t, _ = head(scale=3.0, seed=2)
+    lt = h_t @ W.T
+    lt[3] = lt[3] * 0.001                  # a flat row among confident ones
+    lt[4, 6:] = float("-inf")              # fewer than k finite logits
+    lt[5] = lt[5].bfloat16().float()       # ties
+    k = int(0.01 * 1271)
+    assert torch.equal(_mask_from_top_k(lt, top_k_with_ties(lt, k), 0.01),
+                       plausibility_mask(lt, 0.01))
 
 
 @pytest.mark.parametrize("mode", ["generate", "score"])
@@ -71,17 +95,20 @@ def test_plausibility_mask_mixed_short_and_long_rows():
     assert keep[3].sum() > 5 * k and (keep.sum(-1)[[0, 1, 2, 4, 5, 6]] == k).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # sampled / union GEMM
-def test_head_at_requested_pairs(dtype):
+# float32: the sampled product; bf16: the union GEMM in bf16 (rounded like the dense head)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(atol=1e-4, rtol=1e-5)),
+                                       (torch.bfloat16, dict(atol=5e-2, rtol=1e-2))])
+def test_head_at_requested_pairs(dtype, tol):
     g = torch.Generator().manual_seed(4)
     W = torch.randn(1271, 64, generator=g).to(dtype)
     h = torch.randn(5, 64, generator=g).to(dtype)
     want = h.float() @ W.float().T
     cols = torch.stack([torch.randperm(1271, generator=g)[:9] for _ in range(5)])  # unsorted
-    torch.testing.assert_close(_head_at(W, h, cols), want.gather(1, cols), atol=1e-4, rtol=1e-5)
+    got = _head_at(W, h, cols)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want.gather(1, cols), **tol)
     # flat pairs, rows keeping different numbers of tokens (one keeps none)
     counts = torch.tensor([3, 0, 1, 7, 2])
     rows = torch.repeat_interleave(torch.arange(5), counts)
     flat = torch.randint(0, 1271, (int(counts.sum()),), generator=g)
-    torch.testing.assert_close(_head_at(W, h, flat, rows, counts), want[rows, flat],
-                               atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(_head_at(W, h, flat, rows, counts), want[rows, flat], **tol)
