@@ -112,3 +112,6 @@ def test_head_at_requested_pairs(dtype, tol):
     rows = torch.repeat_interleave(torch.arange(5), counts)
     flat = torch.randint(0, 1271, (int(counts.sum()),), generator=g)
     torch.testing.assert_close(_head_at(W, h, flat, rows, counts), want[rows, flat], **tol)
+    # one row: its own head rows, no pattern or union
+    torch.testing.assert_close(_head_at(W, h[2:3], cols[2:3]), want[2:3].gather(1, cols[2:3]),
+                               **tol)

@@ -230,6 +230,9 @@ def _head_at(weight: torch.Tensor, h_a: torch.Tensor, cols: torch.Tensor,
     A float32 head computes exactly these dot products (a sampled dense-dense product:
     ``torch.sparse.sampled_addmm`` over a CSR pattern of the pairs): no gather, and no work for
     the tokens another row keeps. Other dtypes take the union GEMM (``_union_head``)."""
+    if h_a.shape[0] == 1:  # one row: its own head rows, one small GEMM (no pattern, no union)
+        return torch.nn.functional.linear(
+            h_a.to(weight.dtype), weight.index_select(0, cols.reshape(-1))).float().view(cols.shape)
     if weight.dtype != torch.float32 or h_a.dtype != torch.float32:
         used = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
         used[cols.reshape(-1)] = True
