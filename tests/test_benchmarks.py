@@ -128,9 +128,11 @@ def test_throughput_smoke(tmp_path, workdir):
     assert ev["results"]["reference_vllm_batch"]["batch"] == 5
     # no batch-32 decode here; every ULD / plain goal also compiled and best against best
     plain_goals = {"decode_b1": 0.93, "eval": 0.78}
+    modes = ("uld_over_plain", "compiled uld_over_plain", "best uld over best plain",
+             "faster plain mode uld_over_plain")
     assert set(rep["targets"]) == {"uld_over_reference_b4 eval"} | {
-        f"{pre}{w}" for w in plain_goals
-        for pre in ("uld_over_plain ", "compiled uld_over_plain ", "best uld over best plain ")}
+        f"{pre} {w}" for w in plain_goals for pre in modes} | {
+        f"{pre} by requests/s eval" for pre in modes}  # the eval by time per question too
     tgt = rep["targets"]["uld_over_reference_b4 eval"]
     assert tgt["target"] == 3.0 and positive(tgt["measured"]) and isinstance(tgt["met"], bool)
     for w, goal in plain_goals.items():
@@ -143,6 +145,15 @@ def test_throughput_smoke(tmp_path, workdir):
         want = max(rates["uld"]["tokens_per_s"], rates["uld_compiled"]["tokens_per_s"]) / max(
             rates["plain"]["tokens_per_s"], rates["plain_compiled"]["tokens_per_s"])
         assert best["measured"] == round(want, 3) and best["met"] == (want >= goal)
+        faster = rep["targets"][f"faster plain mode uld_over_plain {w}"]
+        mode = "compiled" if (rates["plain_compiled"]["tokens_per_s"]
+                              > rates["plain"]["tokens_per_s"]) else "eager"
+        suffix = "_compiled" if mode == "compiled" else ""
+        assert faster["mode"] == mode and faster["measured"] == round(
+            rates["uld" + suffix]["tokens_per_s"] / rates["plain" + suffix]["tokens_per_s"], 3)
+    by_time = rep["targets"]["uld_over_plain by requests/s eval"]
+    assert by_time["measured"] == round(ev["results"]["uld"]["requests_per_s"]
+                                        / ev["results"]["plain"]["requests_per_s"], 3)
     assert "ULD/plain" in r.stdout and "peak RSS" in r.stdout  # the terminal table
     assert "ULD compiled" in r.stdout
     assert "decode b2 x8 ULD/plain compiled, each repeat against the plain run beside it" \

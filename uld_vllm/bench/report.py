@@ -90,8 +90,9 @@ def throughput_table(rep: dict) -> str:
                 lines.append(f"{workload_label(w)} ULD/plain {mode}, each repeat against the "
                              f"plain run beside it: " + ", ".join(f"{x:.3f}" for x in paired))
     for label, tgt in rep["targets"].items():
-        lines.append(f"target {label} >= {tgt['target']}: measured {tgt['measured']:.3f} -> "
-                     f"{'MET' if tgt['met'] else 'MISSED'}")
+        mode = f" ({tgt['mode']})" if "mode" in tgt else ""
+        lines.append(f"target {label}{mode} >= {tgt['target']}: measured {tgt['measured']:.3f}"
+                     f" -> {'MET' if tgt['met'] else 'MISSED'}")
     la = rep["load_average"]
     lines.append(f"load average before {la['before']}, after {la['after']}; wall "
                  f"{rep['wall_s']:.0f} s")
