@@ -115,6 +115,9 @@ def test_throughput_smoke(tmp_path, workdir):
         assert len(w["compiled"]["paired_uld_over_plain"]) == 2
         # fp32 on both sides: ULD in the engine is token-identical to the two-model reference
         assert w["uld_greedy_same_as_reference"] == 1.0, w["name"]
+        # decode b1 and b2 ran the reference at one batch size only; the eval at 4 and 5
+        assert w["reference_greedy_same_across_batches"] == (
+            1.0 if w["kind"] == "eval" else None), w["name"]
         c = w["compiled"]  # --compiled: the same workload on compiled engines
         for s in ("plain_compiled", "uld_compiled"):
             assert positive(c["results"][s]["tokens_per_s"])
@@ -203,3 +206,87 @@ def test_bench_cli_help_and_errors():
     assert r.returncode == 2 and len(err) == 1 and "--uld-adapter" in err[0]
     r = cli("bench", "throughput", "--threads", "999")
     assert r.returncode == 2 and "--threads" in r.stderr
+
+
+# ------------------------------------------------ per-op profile and greedy-divergence tools
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_step_run_and_compare(tmp_path, tiny_llama, llama_adapter):
+    common = ["--model", str(tiny_llama), "--batch", "2", "--new-tokens", "4"]
+    for system, extra in (("plain", []), ("uld", ["--uld-adapter", str(llama_adapter)])):
+        r = run(["benchmarks/profile_step.py", "run", "--system", system, *common, *extra,
+                 "--out", str(tmp_path / f"{system}.json")], 300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    uld = json.loads((tmp_path / "uld.json").read_text())
+    assert (plain["system"], uld["system"], uld["batch"], uld["new_tokens"]) == (
+        "plain", "uld", 2, 4)
+    # one decode step of ULD runs the filter's top-k (dense path at this vocabulary); plain
+    # greedy decoding has none
+    assert uld["ops"]["aten::topk"][1] >= 1 and plain["ops"].get("aten::topk", [0, 0])[1] == 0
+    assert sum(v[0] for v in uld["ops"].values()) > 0
+    r = run(["benchmarks/profile_step.py", "compare", str(tmp_path / "plain.json"),
+             str(tmp_path / "uld.json"), "--top", "5"], 60)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.strip().splitlines()
+    assert rows[0].startswith("| op (self CPU ms per decode step) | plain | uld |")
+    assert len(rows) == 2 + 5 + 3 and rows[-1].startswith("| plain / ULD (profiled) |")
+    # wrong order: one line naming the fix
+    r = run(["benchmarks/profile_step.py", "compare", str(tmp_path / "uld.json"),
+             str(tmp_path / "plain.json")], 60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "plain profile first" in r.stderr
+    r = run(["benchmarks/profile_step.py", "run", "--system", "uld", *common,
+             "--out", str(tmp_path / "x.json")], 60)
+    assert r.returncode == 2 and "--uld-adapter" in r.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_greedy_divergence_fp32_is_identical(tmp_path, tiny_llama, llama_adapter):
+    out = tmp_path / "d.json"
+    r = run(["benchmarks/greedy_divergence.py", "--model", str(tiny_llama), "--uld-adapter",
+             str(llama_adapter), "--dtype", "float32", "--batch", "5", "--new-tokens", "12",
+             "--out", str(out)], 300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert set(rep["agreement"]) == {"engine vs reference_float32_b1",
+                                     "engine vs reference_float32_b4",
+                                     "reference_float32_b1 vs reference_float32_b4",
+                                     "plain vLLM vs HF target alone, batch 1"}
+    assert all(v == 1.0 for v in rep["agreement"].values()), rep["agreement"]
+    assert rep["divergences"] == [] and rep["prompts"] == 5
+
+
+def test_filter_position_matches_the_filter(tiny_llama, llama_adapter):
+    import torch
+
+    from uld_vllm.core.logits import plausibility_mask
+    from uld_vllm.core.reference import ReferenceDecoder
+
+    gd = _load_script("greedy_divergence")
+    dec = ReferenceDecoder.load(tiny_llama, llama_adapter)
+    ids = [5, 17, 300, 41, 9, 77]
+    with torch.inference_mode():
+        lt = dec.target(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        la = dec.assistant(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    keep = plausibility_mask(lt[None], dec.filter_ratio)[0]
+    order = torch.argsort(lt, descending=True)
+    # the top token, the last kept one and the first one filtered out
+    last_kept = int(order[int(keep.sum()) - 1])
+    first_out = int(order[int(keep.sum())])
+    pos = gd.filter_position(dec, ids, {"top": int(order[0]), "last": last_kept,
+                                         "out": first_out})
+    assert pos["top"]["rank"] == 0 and pos["top"]["kept"]
+    assert pos["last"]["kept"] and pos["last"]["logit_minus_threshold"] >= 0
+    assert not pos["out"]["kept"] and pos["out"]["score"] is None
+    assert pos["out"]["logit_minus_threshold"] < 0
+    assert pos["last"]["score"] == pytest.approx(
+        float(lt[last_kept] - dec.alpha * la[last_kept]), abs=1e-3)
+    assert pos["k"] == max(1, int(dec.filter_ratio * lt.numel()))

@@ -80,8 +80,12 @@ def throughput_table(rep: dict) -> str:
             f"{LABELS[k]} {s[k]['start_s']:.1f}" for k in ("plain", "uld", "reference_b4")),
     ]
     for w in rep["workloads"]:
-        lines.append(f"{workload_label(w)}: ULD greedy output identical to the reference on "
-                     f"{w['uld_greedy_same_as_reference']:.0%} of prompts")
+        line = (f"{workload_label(w)}: ULD greedy output identical to the reference on "
+                f"{w['uld_greedy_same_as_reference']:.0%} of prompts")
+        if w.get("reference_greedy_same_across_batches") is not None:
+            line += (f" (the reference's own outputs at its two batch sizes: identical on "
+                     f"{w['reference_greedy_same_across_batches']:.0%})")
+        lines.append(line)
     for w in rep["workloads"]:
         # the spread of the interleaved repeats: how far one repeat's ratio is from the median
         for mode, paired in (("eager", w.get("paired_uld_over_plain")),
