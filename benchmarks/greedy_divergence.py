@@ -28,15 +28,13 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
-def same_fraction(a: list[list[int]], b: list[list[int]]) -> float:
-    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
-
-
 def filter_position(decoder, ids: list[int], tokens: dict[str, int]) -> dict:
     """The target's and the assistant's last-position logits for ``ids`` (one full forward,
     no cache), and for each named token: its rank among the target's logits, its distance to
     the plausibility threshold, and its ULD score when kept (None when filtered out)."""
     import torch
+
+    from uld_vllm.core.logits import plausibility_threshold
 
     x = torch.tensor([ids])
     with torch.inference_mode():
@@ -44,7 +42,7 @@ def filter_position(decoder, ids: list[int], tokens: dict[str, int]) -> dict:
         la = decoder.assistant(input_ids=x).logits[0, -1].float()
     k = max(1, math.floor(decoder.filter_ratio * lt.numel()))
     kth = torch.topk(lt, k).values[-1]
-    threshold = min(float(kth), float(lt.max()) + math.log(decoder.filter_ratio))
+    threshold = float(plausibility_threshold(kth, lt.max(), decoder.filter_ratio))
     out = {"k": k, "values_tied_at_kth": int((lt == kth).sum())}
     for name, tok in tokens.items():
         kept = bool(lt[tok] >= threshold)
@@ -109,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             greedy[name] = [list(o.token_ids) for o in decoders[d].generate(
                 prompts, max_new_tokens=args.new_tokens, ignore_eos=True, batch_size=batch)]
     names = list(greedy)
-    agreement = {f"{a} vs {b}": same_fraction(greedy[a], greedy[b])
+    agreement = {f"{a} vs {b}": common.same_fraction(greedy[a], greedy[b])
                  for i, a in enumerate(names) for b in names[i + 1:]}
     target_alone = ReferenceDecoder.load(model, dtype=dtype)  # no adapter: the target's argmax
     hf_plain = [list(o.token_ids) for o in target_alone.generate(
         prompts, max_new_tokens=args.new_tokens, ignore_eos=True, batch_size=1)]
-    agreement["plain vLLM vs HF target alone, batch 1"] = same_fraction(plain_greedy, hf_plain)
+    agreement["plain vLLM vs HF target alone, batch 1"] = common.same_fraction(plain_greedy,
+                                                                              hf_plain)
     del target_alone
     ref = f"reference_{args.dtype}_b1"
     divergences = []

@@ -363,6 +363,11 @@ def fixed_prompts(model: str, count: int, length: int) -> list[list[int]]:
     return out
 
 
+def same_fraction(a: list[list[int]], b: list[list[int]]) -> float:
+    """The fraction of prompts whose two outputs are token-identical."""
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")

@@ -231,11 +231,6 @@ def run_reference(model, adapter, args, loads, vllm_batch: dict, bind: dict, log
         results, outputs
 
 
-def _same(a: list[list[int]], b: list[list[int]]) -> float:
-    """The fraction of prompts with token-identical outputs."""
-    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
-
-
 def _rate(ids: list[list[int]], times: list[float], batch: int) -> dict:
     tokens = sum(len(x) for x in ids)
     sec = statistics.median(times)
@@ -322,13 +317,13 @@ def main(argv: list[str]) -> int:
                                                      row["results"]["plain"])
         n = row.get("reference_prompts", row["prompts"])
         ref = outputs["reference"][w["name"]]
-        row["uld_greedy_same_as_reference"] = _same(outputs["uld"][w["name"]][:n],
-                                                    ref["reference_b4"])
+        row["uld_greedy_same_as_reference"] = common.same_fraction(
+            outputs["uld"][w["name"]][:n], ref["reference_b4"])
         # the reference against itself at another batch size (padding changes the rounding):
         # in bf16 the filter's boundary makes it disagree with itself, which bounds what
         # token identity with it can show there; None when both ran the same batches
         row["reference_greedy_same_across_batches"] = (
-            _same(ref["reference_b4"], ref["reference_vllm_batch"])
+            common.same_fraction(ref["reference_b4"], ref["reference_vllm_batch"])
             if "reference_vllm_batch" in ref else None)
         if args.compiled:
             c = {s: results[s][w["name"]] for s in ("plain_compiled", "uld_compiled")}

@@ -109,9 +109,23 @@ def plausibility_mask(logits: torch.Tensor, filter_ratio: float) -> torch.Tensor
             thr = ratio_thr.clone()
             rows = short.nonzero()[:, 0]
             thr[rows] = torch.topk(l[rows], k, dim=-1).values[:, -1:]
-        keep = l >= thr
-        if bool((thr == float("-inf")).any()):  # fewer than k finite logits in a row
-            keep &= l > float("-inf")
+        keep = keep_from_threshold(l, thr)
+    return keep
+
+
+def plausibility_threshold(kth: torch.Tensor, row_max: torch.Tensor,
+                           filter_ratio: float) -> torch.Tensor:
+    """The filter's threshold per row from its k-th largest and largest logit (``[B, 1]``):
+    a token is kept iff its logit is ``>= min(kth, max + ln r)``."""
+    return torch.minimum(kth, row_max + math.log(filter_ratio))
+
+
+def keep_from_threshold(logits: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """``logits >= thr`` per row, except that ``-inf`` is never kept (a row with fewer than
+    k finite logits has a threshold of ``-inf``)."""
+    keep = logits >= thr
+    if bool((thr == float("-inf")).any()):
+        keep &= logits > float("-inf")
     return keep
 
 

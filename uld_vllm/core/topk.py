@@ -63,9 +63,11 @@ def top_k_with_ties(x: torch.Tensor, k: int) -> TopKWithTies:
     G = GROUPS_PER_K * k
     s = V // G  # values per group; the V - s * G values after the groups stay out of the bound
     if s < 2 or n == 1:  # a bound would not leave much out, or cost more ops than it saves
-        kth = torch.topk(x, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        top = torch.topk(x, k, dim=-1, sorted=False).values
+        kth = top.amin(dim=-1, keepdim=True)
         rows, cols = (x >= kth).nonzero(as_tuple=True)
-        return TopKWithTies(kth, x.amax(dim=-1, keepdim=True), rows, cols, x[rows, cols],
+        # the row's maximum is among its top k: no second pass over the row
+        return TopKWithTies(kth, top.amax(dim=-1, keepdim=True), rows, cols, x[rows, cols],
                             torch.bincount(rows, minlength=n))
     grouped = x[:, :s * G].reshape(n, s, G)
     group_max = grouped.amax(dim=1)

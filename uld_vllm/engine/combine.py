@@ -37,7 +37,13 @@ import os
 
 import torch
 
-from uld_vllm.core.logits import combine_with_mask, plausibility_mask, uld_logits
+from uld_vllm.core.logits import (
+    combine_with_mask,
+    keep_from_threshold,
+    plausibility_mask,
+    plausibility_threshold,
+    uld_logits,
+)
 from uld_vllm.core.topk import TopKWithTies, top_k_with_ties
 from uld_vllm.engine.settings import SPARSE_HEAD_FRACTION
 from uld_vllm.errors import UldError
@@ -205,11 +211,7 @@ class UldCombiner:
 def _mask_from_top_k(l_t: torch.Tensor, top: TopKWithTies, filter_ratio: float) -> torch.Tensor:
     """``plausibility_mask(l_t, filter_ratio)`` from the rows' k-th and largest values, which
     ``top`` already holds: kept iff ``l >= min(kth, max + ln r)``, never at ``-inf``."""
-    thr = torch.minimum(top.kth, top.row_max + math.log(filter_ratio))
-    keep = l_t >= thr
-    if bool((thr == float("-inf")).any()):
-        keep &= l_t > float("-inf")
-    return keep
+    return keep_from_threshold(l_t, plausibility_threshold(top.kth, top.row_max, filter_ratio))
 
 
 def _kept_logits(weight: torch.Tensor, h_a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
