@@ -115,3 +115,19 @@ def test_head_at_requested_pairs(dtype, tol):
     # one row: its own head rows, no pattern or union
     torch.testing.assert_close(_head_at(W, h[2:3], cols[2:3]), want[2:3].gather(1, cols[2:3]),
                                **tol)
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [7, 1])
+def test_top_k_rows_c_finish_equals_the_torch_ops_bit_for_bit(monkeypatch, mode, dtype, rows):
+    # the C selection and scatter (uld_vllm.core.native) against the torch code they replace
+    W, h_t, h_a = head(scale=3.0)
+    W, h_t, h_a = W.to(dtype), h_t[:rows].to(dtype), h_a[:rows].to(dtype)
+    lt = (h_t @ W.T).bfloat16().float()  # few distinct values: ties at the k-th place
+    got = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ULD_NATIVE", flag)
+        got[flag] = combiner(mode)._top_k_rows(lt, W, h_a)
+        assert got[flag] is not None
+    assert torch.equal(got["1"], got["0"])

@@ -1,15 +1,31 @@
-"""top_k_with_ties: the k-th value of torch.topk and exactly the entries >= it, ties included."""
+"""top_k_with_ties: the k-th value of torch.topk and exactly the entries >= it, ties included.
+
+Every test runs twice: on the C selection (built by uld_vllm.core.native; it must build here,
+as CI's machine has a C compiler) and on the torch code it falls back to."""
 
 import math
 
 import pytest
 import torch
 
+from uld_vllm.core import native
 from uld_vllm.core.topk import GROUPS_PER_K, top_k_with_ties
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def implementation(request, monkeypatch):
+    monkeypatch.setenv("ULD_NATIVE", "1" if request.param == "native" else "0")
+    if request.param == "native":
+        assert native.library() is not None, native.status()
+    return request.param
 
 
 def check_against_torch(x, k):
     got = top_k_with_ties(x, k)
+    assert (got.union is not None) == (native.library() is not None)
+    if got.union is not None:  # the union of the listed columns, sorted, and each one's place
+        assert torch.equal(got.union, torch.unique(got.cols))
+        assert torch.equal(got.union[got.union_pos], got.cols)
     kth = torch.topk(x, k, dim=-1).values[:, -1:]
     assert torch.equal(got.kth, kth)
     assert torch.equal(got.row_max, x.amax(dim=-1, keepdim=True))
@@ -108,3 +124,14 @@ def test_bad_k():
         top_k_with_ties(torch.zeros(2, 5), 5)
     with pytest.raises(ValueError, match="1 <= k < V"):
         top_k_with_ties(torch.zeros(2, 5), 0)
+
+
+def test_many_ties_need_more_room_than_first_given():
+    # whole rows tied (and a row of -inf): far more entries than the C selection's first
+    # allocation (about 1.25 k a row), so it runs again with room for all of them
+    x = torch.zeros(3, 1000)
+    x[1] = torch.randn(1000)
+    x[2] = float("-inf")
+    got = check_against_torch(x, 10)
+    assert got.counts.tolist() == [1000, 10, 1000]
+

@@ -21,13 +21,23 @@ few values above the bound:
    groups reach it, from the whole row;
 3. pack them into a ``-inf``-padded ``[n, width]`` block, take its k-th largest value, and
    return every block entry ``>=`` it: all of the row's, since they are all in the block.
+
+On CPU the same method runs as one C function (``csrc/topk_ties.c``, built on first use by
+``uld_vllm.core.native``): a row at a time, two passes over the row and two small
+bisections, where the torch version needs ~20 ops over the batch (``[32, 49152]``: 0.4-0.7
+against 3.6 ms on this project's Zen 5 core). It also returns the union of the listed
+columns, which the sparse assistant head needs next. The torch version runs elsewhere, and
+where no C compiler is found.
 """
 
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple
 
 import torch
+
+from uld_vllm.core import native
 
 # groups per kept value: more groups tighten the bound (fewer candidates) but make the first
 # selection wider; 3-8 measured within 10 % of each other on [32, 49152], k = 491
@@ -46,6 +56,10 @@ class TopKWithTies(NamedTuple):
     cols: torch.Tensor
     values: torch.Tensor
     counts: torch.Tensor
+    # the sorted distinct ``cols`` and each entry's position among them, when the selection
+    # produced them on the way (the C version); None otherwise
+    union: torch.Tensor | None = None
+    union_pos: torch.Tensor | None = None
 
 
 def top_k_with_ties(x: torch.Tensor, k: int) -> TopKWithTies:
@@ -60,6 +74,10 @@ def top_k_with_ties(x: torch.Tensor, k: int) -> TopKWithTies:
     n, V = x.shape
     if not 1 <= k < V:
         raise ValueError(f"top_k_with_ties needs 1 <= k < V, got k={k}, V={V}")
+    if x.device.type == "cpu" and x.is_floating_point() and V < 2**31:
+        lib = native.library()
+        if lib is not None:
+            return _native(lib, x, k)
     G = GROUPS_PER_K * k
     s = V // G  # values per group; the V - s * G values after the groups stay out of the bound
     if s < 2 or n == 1:  # a bound would not leave much out, or cost more ops than it saves
@@ -105,3 +123,32 @@ def top_k_with_ties(x: torch.Tensor, k: int) -> TopKWithTies:
     r, j = ((block >= kth) & (block_cols < V)).nonzero(as_tuple=True)
     return TopKWithTies(kth, block.amax(dim=-1, keepdim=True), r, block_cols[r, j], block[r, j],
                         torch.bincount(r, minlength=n))
+
+
+def _native(lib: ctypes.CDLL, x: torch.Tensor, k: int) -> TopKWithTies:
+    n, V = x.shape
+    x32 = x.float().contiguous()  # exact for bf16/fp16; the values go back to x's dtype
+    kth = torch.empty((n, 1), dtype=torch.float32)
+    row_max = torch.empty((n, 1), dtype=torch.float32)
+    counts = torch.empty(n, dtype=torch.int64)
+    used = torch.empty(V, dtype=torch.uint8)
+    union = torch.empty(V, dtype=torch.int64)
+    n_union = torch.zeros(1, dtype=torch.int64)
+    capacity = n * (k + k // 4 + 16)  # room for moderate ties; more takes a second call
+    while True:
+        rows = torch.empty(capacity, dtype=torch.int64)
+        cols = torch.empty(capacity, dtype=torch.int64)
+        vals = torch.empty(capacity, dtype=torch.float32)
+        pos = torch.empty(capacity, dtype=torch.int64)
+        total = lib.uld_top_k_with_ties_f32(
+            x32.data_ptr(), n, V, k, capacity, kth.data_ptr(), row_max.data_ptr(),
+            counts.data_ptr(), rows.data_ptr(), cols.data_ptr(), vals.data_ptr(),
+            used.data_ptr(), union.data_ptr(), n_union.data_ptr(), pos.data_ptr())
+        if total < 0:
+            raise MemoryError("top_k_with_ties: the C selection could not allocate its buffers")
+        if total <= capacity:
+            break
+        capacity = total
+    nu = int(n_union[0])
+    return TopKWithTies(kth.to(x.dtype), row_max.to(x.dtype), rows[:total], cols[:total],
+                        vals[:total].to(x.dtype), counts, union[:nu], pos[:total])

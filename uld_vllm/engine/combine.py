@@ -14,7 +14,9 @@ Two ways to get there, same result (``uld_logits`` semantics):
   (on average ``<= sparse_fraction * V`` per row: ``sparse_head_fraction`` in
   ``additional_config["uld"]``, default 0.05; 1 forces it, 0 disables it); flat
   distributions (e.g. a randomly initialised model) keep most of the vocabulary, and then the
-  dense GEMM is cheaper.
+  dense GEMM is cheaper. On CPU the filter's top k and the final scatter run as C functions
+  (``uld_vllm.core.native``; the torch code where no C compiler is found or ``ULD_NATIVE=0``),
+  with the same results bit for bit.
 
 The sparse head needs a plain, unsharded LM head (TP 1, no quantisation, no logit scaling or
 soft-capping) and the torch backend; otherwise the dense path runs. The backend is chosen once,
@@ -37,6 +39,7 @@ import os
 
 import torch
 
+from uld_vllm.core import native
 from uld_vllm.core.logits import (
     combine_with_mask,
     keep_from_threshold,
@@ -79,10 +82,15 @@ class UldCombiner:
             frac_from = "ULD_SPARSE_HEAD_FRACTION override"
         self.sparse_fraction = sparse_fraction
         self.stats = {"dense": 0, "sparse": 0, "target": 0, "per_request": 0}
+        # built (or found in the cache) here, at engine start, rather than in the first step
+        selection = "torch"
+        if self.backend == "torch" and native.library() is not None:
+            selection = f"C ({native.status()})"
         self.description = (
             f"backend {self.backend} (asked: {backend}, from {backend_from}); sparse assistant "
             f"head when rows keep <= {self.sparse_fraction:g} of the vocabulary on average "
-            f"(from {frac_from}; needs the torch backend and a plain LM head)")
+            f"(from {frac_from}; needs the torch backend and a plain LM head); the filter's "
+            f"top k: {selection}")
         _log.info("ULD combine path: %s", self.description)
 
     def __call__(self, logits_processor, lm_head, h_t: torch.Tensor, h_a: torch.Tensor,
@@ -190,9 +198,15 @@ class UldCombiner:
         if not bool(((top.kth <= top.row_max + math.log(self.filter_ratio))
                      & (top.kth > float("-inf"))).all()):
             return None
+        lib = native.library() if top.union is not None else None
+        if lib is not None and alpha != 0.0 and l_t.dtype == torch.float32:
+            return _scatter_kept(lib, l_t, top, _gemm(h_a.to(weight.dtype),
+                                                      weight.index_select(0, top.union)),
+                                 alpha, mode)
         vals = top.values
         if alpha != 0.0:
-            vals = vals - alpha * _head_at(weight, h_a, top.cols, top.rows)
+            vals = vals - alpha * _head_at(weight, h_a, top.cols, top.rows,
+                                           union=(top.union, top.union_pos))
         out = torch.full_like(l_t, float("-inf")) if mode == "generate" else l_t.clone()
         out[top.rows, top.cols] = vals
         return out
@@ -208,6 +222,21 @@ class UldCombiner:
         return out
 
 
+def _scatter_kept(lib, l_t: torch.Tensor, top: TopKWithTies, la_union: torch.Tensor,
+                  alpha: float, mode: str) -> torch.Tensor:
+    """The ULD logits of ``_top_k_rows`` from the assistant's logits over the union of kept
+    columns (``[n, U]``), in one C pass (``csrc/scatter_kept.c``): the same values as the
+    torch ops it replaces, bit for bit."""
+    n, V = l_t.shape
+    out = (torch.empty((n, V), dtype=torch.float32) if mode == "generate"
+           else l_t.clone(memory_format=torch.contiguous_format))
+    la = la_union.float().contiguous()
+    lib.uld_scatter_kept_f32(out.data_ptr(), n, V, int(mode == "generate"), top.cols.numel(),
+                             top.rows.data_ptr(), top.cols.data_ptr(), top.values.data_ptr(),
+                             top.union_pos.data_ptr(), la.data_ptr(), la.shape[1], float(alpha))
+    return out
+
+
 def _mask_from_top_k(l_t: torch.Tensor, top: TopKWithTies, filter_ratio: float) -> torch.Tensor:
     """``plausibility_mask(l_t, filter_ratio)`` from the rows' k-th and largest values, which
     ``top`` already holds: kept iff ``l >= min(kth, max + ln r)``, never at ``-inf``."""
@@ -221,7 +250,7 @@ def _kept_logits(weight: torch.Tensor, h_a: torch.Tensor, keep: torch.Tensor) ->
 
 
 def _head_at(weight: torch.Tensor, h_a: torch.Tensor, cols: torch.Tensor,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
+             rows: torch.Tensor | None = None, union=(None, None)) -> torch.Tensor:
     """``W[c] . h_a[r]`` for every requested (row r, column c), returned as float32: ``cols``
     ``[n, k]`` (row ``b`` of ``cols`` belongs to row ``b`` of ``h_a``), or flat pairs with
     ``rows``.
@@ -230,10 +259,16 @@ def _head_at(weight: torch.Tensor, h_a: torch.Tensor, cols: torch.Tensor,
     (U of them; rows of a batch share most of their kept tokens), then a gather: each needed
     head row is read once for the whole batch, where a per-row gather of head rows (memory-
     bound) cost more than the dense head. The GEMM runs in the head's dtype, as the LM head
-    computes the target's logits (a bf16 model's logits are bf16 on the dense path too)."""
+    computes the target's logits (a bf16 model's logits are bf16 on the dense path too).
+    ``union``: the sorted distinct columns and each pair's position among them, when the
+    caller has them (``TopKWithTies.union``/``union_pos``, flat pairs only)."""
     if h_a.shape[0] == 1:  # one row: its own head rows, no union
         la = _gemm(h_a.to(weight.dtype), weight.index_select(0, cols.reshape(-1)))
         return la.float().view(cols.shape)
+    u, pos_of_pair = union
+    if u is not None and rows is not None:
+        la = _gemm(h_a.to(weight.dtype), weight.index_select(0, u)).float()
+        return la[rows, pos_of_pair]
     used = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
     used[cols.reshape(-1)] = True
     u = used.nonzero()[:, 0]

@@ -1,0 +1,31 @@
+"""uld_vllm.core.native: the C selection's build, its cache and the fallback without a compiler."""
+
+import torch
+
+from uld_vllm.core import native
+from uld_vllm.core.topk import top_k_with_ties
+
+
+def test_without_a_compiler_the_torch_code_runs(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("ULD_VLLM_HOME", str(tmp_path))  # nothing cached there
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native, "_state", {})
+    with caplog.at_level("WARNING", logger="uld_vllm"):
+        assert native.library() is None
+    assert "no-such-cc" in native.status()
+    assert "torch code runs instead" in caplog.text
+    x = torch.randn(4, 3000)
+    assert top_k_with_ties(x, 30).union is None  # the torch code
+    got = top_k_with_ties(x, 30)
+    assert torch.equal(got.kth, torch.topk(x, 30).values[:, -1:])
+
+
+def test_the_library_is_built_once_then_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("ULD_VLLM_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None
+    assert native.status().startswith("built ")
+    assert len(list((tmp_path / "native").glob("*.so"))) == 1
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None
+    assert native.status().startswith("cached ")
