@@ -1,7 +1,8 @@
 """top_k_with_ties: the k-th value of torch.topk and exactly the entries >= it, ties included.
 
-Every test runs twice: on the C selection (built by uld_vllm.core.native; it must build here,
-as CI's machine has a C compiler) and on the torch code it falls back to."""
+Every test runs three times: on the C selection (built by uld_vllm.core.native; it must build
+here, as CI's machine has a C compiler), on the same C built without -march=native (no AVX-512
+code), and on the torch code it falls back to."""
 
 import math
 
@@ -11,11 +12,21 @@ import torch
 from uld_vllm.core import native
 from uld_vllm.core.topk import GROUPS_PER_K, top_k_with_ties
 
+_PORTABLE: dict = {}  # the library built without -march=native, once per session
 
-@pytest.fixture(autouse=True, params=["native", "torch"])
-def implementation(request, monkeypatch):
-    monkeypatch.setenv("ULD_NATIVE", "1" if request.param == "native" else "0")
-    if request.param == "native":
+
+@pytest.fixture(autouse=True, params=["native", "portable", "torch"])
+def implementation(request, monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("ULD_NATIVE", "0" if request.param == "torch" else "1")
+    if request.param == "portable":  # the scalar code paths, as on a CPU without AVX-512
+        if not _PORTABLE:
+            monkeypatch.setenv("ULD_VLLM_HOME", str(tmp_path_factory.mktemp("portable")))
+            monkeypatch.setattr(native, "_ARCH_FLAGS", ([],))
+            monkeypatch.setattr(native, "_state", _PORTABLE)
+            native.library()
+        monkeypatch.setattr(native, "_state", _PORTABLE)
+        assert "-march" not in native.status()
+    if request.param != "torch":
         assert native.library() is not None, native.status()
     return request.param
 

@@ -30,6 +30,9 @@ _log = logging.getLogger("uld_vllm")
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("topk_ties.c", "scatter_kept.c")]
 # no floating-point contraction: a - b * c rounds twice, as torch computes it
 _FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
+# -march=native first (AVX-512 compress on CPUs that have it); some compilers and
+# architectures refuse it, and the portable build is still much faster than the torch code
+_ARCH_FLAGS = (["-march=native"], [])
 _state: dict = {}
 
 
@@ -81,9 +84,7 @@ def _load():
         except OSError as e:
             return None, f"cannot create {out_dir}: {e}"
         err = ""
-        # -march=native: AVX-512 compress on CPUs that have it; some compilers and
-        # architectures refuse the flag, and the portable build is still much faster than torch
-        for arch in (["-march=native"], []):
+        for arch in _ARCH_FLAGS:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
             os.close(fd)
             try:

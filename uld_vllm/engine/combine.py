@@ -231,9 +231,11 @@ def _scatter_kept(lib, l_t: torch.Tensor, top: TopKWithTies, la_union: torch.Ten
     out = (torch.empty((n, V), dtype=torch.float32) if mode == "generate"
            else l_t.clone(memory_format=torch.contiguous_format))
     la = la_union.float().contiguous()
-    lib.uld_scatter_kept_f32(out.data_ptr(), n, V, int(mode == "generate"), top.cols.numel(),
-                             top.rows.data_ptr(), top.cols.data_ptr(), top.values.data_ptr(),
-                             top.union_pos.data_ptr(), la.data_ptr(), la.shape[1], float(alpha))
+    with torch.profiler.record_function("uld::scatter_kept (C)"):  # profiles see ctypes calls
+        lib.uld_scatter_kept_f32(out.data_ptr(), n, V, int(mode == "generate"),
+                                 top.cols.numel(), top.rows.data_ptr(), top.cols.data_ptr(),
+                                 top.values.data_ptr(), top.union_pos.data_ptr(), la.data_ptr(),
+                                 la.shape[1], float(alpha))
     return out
 
 
