@@ -29,3 +29,19 @@ def test_the_library_is_built_once_then_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_state", {})
     assert native.library() is not None
     assert native.status().startswith("cached ")
+
+
+def test_an_unwritable_cache_falls_back_with_the_reason(monkeypatch, tmp_path):
+    blocker = tmp_path / "home"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("ULD_VLLM_HOME", str(blocker))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is None
+    assert "cannot create" in native.status() and str(blocker) in native.status()
+
+
+def test_ULD_NATIVE_0_turns_it_off(monkeypatch):
+    monkeypatch.setenv("ULD_NATIVE", "0")
+    assert native.library() is None
+    assert native.status() == "off (ULD_NATIVE=0)"
+    assert top_k_with_ties(torch.randn(2, 500), 5).union is None

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -72,6 +73,7 @@ def _load():
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None, "no C compiler found (cc, gcc; CC unset)"
+    cc_cmd = shlex.split(cc)  # CC may carry a launcher or flags ("ccache gcc")
     src = b"\0".join(p.read_bytes() for p in _SOURCES)
     key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(_FLAGS).encode(),
                                      platform.machine().encode(), _cpu_flags().encode()]))
@@ -85,10 +87,13 @@ def _load():
             return None, f"cannot create {out_dir}: {e}"
         err = ""
         for arch in _ARCH_FLAGS:
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+            try:
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+            except OSError as e:
+                return None, f"cannot write in {out_dir}: {e}"
             os.close(fd)
             try:
-                run = subprocess.run([cc, *_FLAGS, *arch, "-o", tmp, *map(str, _SOURCES)],
+                run = subprocess.run([*cc_cmd, *_FLAGS, *arch, "-o", tmp, *map(str, _SOURCES)],
                                      capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.TimeoutExpired) as e:
                 run, err = None, str(e)
