@@ -75,6 +75,7 @@ def run(adapter, prompts):
     from vllm import SamplingParams
 
     import uld_vllm
+    from uld_vllm.engine.inspect import combiner_stats
     from uld_vllm.jobs.spec import set_uld_mode
 
     fmt, ids = prompts
@@ -82,6 +83,7 @@ def run(adapter, prompts):
     llm = uld_vllm.LLM(NAME, uld_adapter=str(adapter), uld_filter_ratio=0.01, **ENGINE)
     try:
         out[0.01] = _greedy(llm, ids)
+        out["stats"] = llm.apply_model(combiner_stats)[0]
         answers = [fmt.encode_answer(a, q) for q, a in
                    [(QUESTIONS[0], "Harry Potter attends Hogwarts."),
                     (QUESTIONS[1], "The capital of France is Paris.")]]
@@ -109,6 +111,8 @@ def test_greedy_equals_reference_with_a_trained_adapter(smollm2, adapter, prompt
     assert ref.alpha == 0.8
     ties = assert_greedy_matches(run[ratio][0], ref, prompts[1], MAX_NEW)
     assert ties <= 1
+    if ratio == 0.01:  # k = 491 of 49152: the sparse head, its selection and scatter in C
+        assert run["stats"]["c_finish"] > 0 and run["stats"]["dense"] == 0
 
 
 def test_the_two_ratios_decode_differently_somewhere(run):

@@ -81,7 +81,8 @@ class UldCombiner:
                                "unset it or give a fraction in [0, 1]") from None
             frac_from = "ULD_SPARSE_HEAD_FRACTION override"
         self.sparse_fraction = sparse_fraction
-        self.stats = {"dense": 0, "sparse": 0, "target": 0, "per_request": 0}
+        # c_finish: sparse steps whose selection and scatter ran in C (uld_vllm.core.native)
+        self.stats = {"dense": 0, "sparse": 0, "target": 0, "per_request": 0, "c_finish": 0}
         # built (or found in the cache) here, at engine start, rather than in the first step
         selection = "torch"
         if self.backend == "torch" and native.library() is not None:
@@ -200,6 +201,7 @@ class UldCombiner:
             return None
         lib = native.library() if top.union is not None else None
         if lib is not None and alpha != 0.0 and l_t.dtype == torch.float32:
+            self.stats["c_finish"] += 1
             return _scatter_kept(lib, l_t, top, _gemm(h_a.to(weight.dtype),
                                                       weight.index_select(0, top.union)),
                                  alpha, mode)
