@@ -147,7 +147,9 @@ def _native(lib: ctypes.CDLL, x: torch.Tensor, k: int) -> TopKWithTies:
                 counts.data_ptr(), rows.data_ptr(), cols.data_ptr(), vals.data_ptr(),
                 used.data_ptr(), union.data_ptr(), n_union.data_ptr(), pos.data_ptr())
         if total < 0:
-            raise MemoryError("top_k_with_ties: the C selection could not allocate its buffers")
+            raise MemoryError("top_k_with_ties: the C selection could not allocate its scratch "
+                              "buffers (a few V-sized arrays); free memory, or set "
+                              "ULD_NATIVE=0 to run the torch code")
         if total <= capacity:
             break
         capacity = total
