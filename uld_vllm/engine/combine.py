@@ -207,8 +207,7 @@ class UldCombiner:
                                  alpha, mode)
         vals = top.values
         if alpha != 0.0:
-            vals = vals - alpha * _head_at(weight, h_a, top.cols, top.rows,
-                                           union=(top.union, top.union_pos))
+            vals = vals - alpha * _head_at(weight, h_a, top.cols, top.rows)
         out = torch.full_like(l_t, float("-inf")) if mode == "generate" else l_t.clone()
         out[top.rows, top.cols] = vals
         return out
@@ -254,7 +253,7 @@ def _kept_logits(weight: torch.Tensor, h_a: torch.Tensor, keep: torch.Tensor) ->
 
 
 def _head_at(weight: torch.Tensor, h_a: torch.Tensor, cols: torch.Tensor,
-             rows: torch.Tensor | None = None, union=(None, None)) -> torch.Tensor:
+             rows: torch.Tensor | None = None) -> torch.Tensor:
     """``W[c] . h_a[r]`` for every requested (row r, column c), returned as float32: ``cols``
     ``[n, k]`` (row ``b`` of ``cols`` belongs to row ``b`` of ``h_a``), or flat pairs with
     ``rows``.
@@ -263,16 +262,10 @@ def _head_at(weight: torch.Tensor, h_a: torch.Tensor, cols: torch.Tensor,
     (U of them; rows of a batch share most of their kept tokens), then a gather: each needed
     head row is read once for the whole batch, where a per-row gather of head rows (memory-
     bound) cost more than the dense head. The GEMM runs in the head's dtype, as the LM head
-    computes the target's logits (a bf16 model's logits are bf16 on the dense path too).
-    ``union``: the sorted distinct columns and each pair's position among them, when the
-    caller has them (``TopKWithTies.union``/``union_pos``, flat pairs only)."""
+    computes the target's logits (a bf16 model's logits are bf16 on the dense path too)."""
     if h_a.shape[0] == 1:  # one row: its own head rows, no union
         la = _gemm(h_a.to(weight.dtype), weight.index_select(0, cols.reshape(-1)))
         return la.float().view(cols.shape)
-    u, pos_of_pair = union
-    if u is not None and rows is not None:
-        la = _gemm(h_a.to(weight.dtype), weight.index_select(0, u)).float()
-        return la[rows, pos_of_pair]
     used = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
     used[cols.reshape(-1)] = True
     u = used.nonzero()[:, 0]
