@@ -7,6 +7,7 @@ import torch
 
 from uld_vllm.core.logits import plausibility_mask, uld_logits
 from uld_vllm.core.topk import top_k_with_ties
+from uld_vllm.engine import combine
 from uld_vllm.engine.combine import UldCombiner, _head_at, _kept_logits, _mask_from_top_k
 
 
@@ -120,14 +121,55 @@ def test_head_at_requested_pairs(dtype, tol):
 @pytest.mark.parametrize("mode", ["generate", "score"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [7, 1])
-def test_top_k_rows_c_finish_equals_the_torch_ops_bit_for_bit(monkeypatch, mode, dtype, rows):
-    # the C selection and scatter (uld_vllm.core.native) against the torch code they replace
+def test_top_k_rows_c_finish_equals_the_torch_ops(monkeypatch, mode, dtype, rows):
+    # the C selection, kept-token head and scatter (uld_vllm.core.native) against the torch
+    # code they replace: the selection and scatter bit for bit (given the torch head's values),
+    # the whole within the C head's rounding
     W, h_t, h_a = head(scale=3.0)
     W, h_t, h_a = W.to(dtype), h_t[:rows].to(dtype), h_a[:rows].to(dtype)
     lt = (h_t @ W.T).bfloat16().float()  # few distinct values: ties at the k-th place
+    c_head_calls = []
+    real_c_head = combine._head_at_c
+
+    def torch_head(lib, weight, h, top):
+        c_head_calls.append(1)
+        return _head_at(weight, h, top.cols, top.rows)
+
     got = {}
-    for flag in ("1", "0"):
+    for key, flag, c_head in (("C", "1", real_c_head), ("C, torch head", "1", torch_head),
+                              ("torch", "0", real_c_head)):
         monkeypatch.setenv("ULD_NATIVE", flag)
-        got[flag] = combiner(mode)._top_k_rows(lt, W, h_a)
-        assert got[flag] is not None
-    assert torch.equal(got["1"], got["0"])
+        monkeypatch.setattr(combine, "_head_at_c", c_head)
+        c = combiner(mode)
+        got[key] = c._top_k_rows(lt, W, h_a)
+        assert got[key] is not None
+        assert c.stats["c_finish"] == (flag == "1")
+    assert c_head_calls == [1]
+    assert torch.equal(got["C, torch head"], got["torch"])
+    close(got["C"], got["torch"])
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H", [576, 64, 67, 13])  # whole vectors, and tails of every kind
+def test_head_at_c_is_each_entrys_dot_product(use_c_build, build, dtype, H):
+    lib = use_c_build(build)
+    g = torch.Generator().manual_seed(H)
+    V = 3001
+    W = torch.randn(V, H, generator=g).to(dtype)
+    h = torch.randn(4, H, generator=g)
+    # rows keeping different numbers of tokens (one keeps none), columns in no order, repeats
+    counts = torch.tensor([5, 0, 40, 1])
+    rows = torch.repeat_interleave(torch.arange(4), counts)
+    cols = torch.randint(0, V, (int(counts.sum()),), generator=g)
+    top = SimpleNamespace(rows=rows, cols=cols)
+    got = combine._head_at_c(lib, W, h, top)
+    assert got.dtype == torch.float32 and got.shape == (int(counts.sum()),)
+    # exact products of the values the head sees (h in the head's dtype), summed in float64
+    want = (h.to(dtype).double() @ W.double().T)[rows, cols]
+    if dtype == torch.bfloat16:
+        # bf16 values, as the head's bf16 GEMM returns: within one bf16 rounding of the sum
+        assert torch.equal(got.bfloat16().float(), got)
+        torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-6)
+    else:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -28,7 +28,8 @@ from pathlib import Path
 from uld_vllm.core.models import cache_root
 
 _log = logging.getLogger("uld_vllm")
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("topk_ties.c", "scatter_kept.c")]
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("topk_ties.c", "head_at.c", "scatter_kept.c")]
 # no floating-point contraction: a - b * c rounds twice, as torch computes it
 _FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
 # -march=native first (AVX-512 compress on CPUs that have it); some compilers and
@@ -113,9 +114,12 @@ def _load():
     fn = lib.uld_top_k_with_ties_f32
     fn.restype = ctypes.c_int64
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64] + [ctypes.c_void_p] * 10
+                   ctypes.c_int64] + [ctypes.c_void_p] * 6
+    for fn in (lib.uld_head_at_bf16, lib.uld_head_at_f32):
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
     fn = lib.uld_scatter_kept_f32
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                   ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_float]
+                   ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_float]
     return lib, how

@@ -25,9 +25,8 @@ few values above the bound:
 On CPU the same method runs as one C function (``csrc/topk_ties.c``, built on first use by
 ``uld_vllm.core.native``): a row at a time, two passes over the row and two small
 bisections, where the torch version needs ~20 ops over the batch (``[32, 49152]``: 0.4-0.7
-against 3.6 ms on this project's Zen 5 core). It also returns the union of the listed
-columns, which the sparse assistant head needs next. The torch version runs elsewhere, and
-where no C compiler is found.
+against 3.6 ms on this project's Zen 5 core). The torch version runs elsewhere, and where no
+C compiler is found.
 """
 
 from __future__ import annotations
@@ -56,10 +55,6 @@ class TopKWithTies(NamedTuple):
     cols: torch.Tensor
     values: torch.Tensor
     counts: torch.Tensor
-    # the sorted distinct ``cols`` and each entry's position among them, when the selection
-    # produced them on the way (the C version); None otherwise
-    union: torch.Tensor | None = None
-    union_pos: torch.Tensor | None = None
 
 
 def top_k_with_ties(x: torch.Tensor, k: int) -> TopKWithTies:
@@ -131,21 +126,16 @@ def _native(lib: ctypes.CDLL, x: torch.Tensor, k: int) -> TopKWithTies:
     kth = torch.empty((n, 1), dtype=torch.float32)
     row_max = torch.empty((n, 1), dtype=torch.float32)
     counts = torch.empty(n, dtype=torch.int64)
-    used = torch.empty(V, dtype=torch.uint8)
-    union = torch.empty(V, dtype=torch.int64)
-    n_union = torch.zeros(1, dtype=torch.int64)
     capacity = n * (k + k // 4 + 16)  # room for moderate ties; more takes a second call
     while True:
         rows = torch.empty(capacity, dtype=torch.int64)
         cols = torch.empty(capacity, dtype=torch.int64)
         vals = torch.empty(capacity, dtype=torch.float32)
-        pos = torch.empty(capacity, dtype=torch.int64)
         # a named range: the profiler sees no op inside a ctypes call
         with torch.profiler.record_function("uld::top_k_with_ties (C)"):
             total = lib.uld_top_k_with_ties_f32(
                 x32.data_ptr(), n, V, k, capacity, kth.data_ptr(), row_max.data_ptr(),
-                counts.data_ptr(), rows.data_ptr(), cols.data_ptr(), vals.data_ptr(),
-                used.data_ptr(), union.data_ptr(), n_union.data_ptr(), pos.data_ptr())
+                counts.data_ptr(), rows.data_ptr(), cols.data_ptr(), vals.data_ptr())
         if total < 0:
             raise MemoryError("top_k_with_ties: the C selection could not allocate its scratch "
                               "buffers (a few V-sized arrays); free memory, or set "
@@ -153,6 +143,5 @@ def _native(lib: ctypes.CDLL, x: torch.Tensor, k: int) -> TopKWithTies:
         if total <= capacity:
             break
         capacity = total
-    nu = int(n_union[0])
     return TopKWithTies(kth.to(x.dtype), row_max.to(x.dtype), rows[:total], cols[:total],
-                        vals[:total].to(x.dtype), counts, union[:nu], pos[:total])
+                        vals[:total].to(x.dtype), counts)

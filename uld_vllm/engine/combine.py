@@ -14,9 +14,11 @@ Two ways to get there, same result (``uld_logits`` semantics):
   (on average ``<= sparse_fraction * V`` per row: ``sparse_head_fraction`` in
   ``additional_config["uld"]``, default 0.05; 1 forces it, 0 disables it); flat
   distributions (e.g. a randomly initialised model) keep most of the vocabulary, and then the
-  dense GEMM is cheaper. On CPU the filter's top k and the final scatter run as C functions
-  (``uld_vllm.core.native``; the torch code where no C compiler is found or ``ULD_NATIVE=0``),
-  with the same results bit for bit.
+  dense GEMM is cheaper. On CPU the filter's top k, the assistant's logits at the kept
+  entries (a dot product each, reading the head rows in place: no gather, no union) and the
+  final scatter run as C functions (``uld_vllm.core.native``; the torch code where no C
+  compiler is found or ``ULD_NATIVE=0``): the same selection and scatter bit for bit, the
+  assistant's logits within one rounding of the torch GEMM's.
 
 The sparse head needs a plain, unsharded LM head (TP 1, no quantisation, no logit scaling or
 soft-capping) and the torch backend; otherwise the dense path runs. The backend is chosen once,
@@ -81,7 +83,8 @@ class UldCombiner:
                                "unset it or give a fraction in [0, 1]") from None
             frac_from = "ULD_SPARSE_HEAD_FRACTION override"
         self.sparse_fraction = sparse_fraction
-        # c_finish: sparse steps whose selection and scatter ran in C (uld_vllm.core.native)
+        # c_finish: sparse steps whose selection, kept-token head and scatter ran in C
+        # (uld_vllm.core.native)
         self.stats = {"dense": 0, "sparse": 0, "target": 0, "per_request": 0, "c_finish": 0}
         # built (or found in the cache) here, at engine start, rather than in the first step
         selection = "torch"
@@ -91,7 +94,7 @@ class UldCombiner:
             f"backend {self.backend} (asked: {backend}, from {backend_from}); sparse assistant "
             f"head when rows keep <= {self.sparse_fraction:g} of the vocabulary on average "
             f"(from {frac_from}; needs the torch backend and a plain LM head); the filter's "
-            f"top k: {selection}")
+            f"top k and kept-token head: {selection}")
         _log.info("ULD combine path: %s", self.description)
 
     def __call__(self, logits_processor, lm_head, h_t: torch.Tensor, h_a: torch.Tensor,
@@ -199,12 +202,11 @@ class UldCombiner:
         if not bool(((top.kth <= top.row_max + math.log(self.filter_ratio))
                      & (top.kth > float("-inf"))).all()):
             return None
-        lib = native.library() if top.union is not None else None
-        if lib is not None and alpha != 0.0 and l_t.dtype == torch.float32:
+        lib = native.library() if l_t.device.type == "cpu" else None
+        if (lib is not None and alpha != 0.0 and l_t.dtype == torch.float32
+                and weight.dtype in _C_HEAD_DTYPES):
             self.stats["c_finish"] += 1
-            return _scatter_kept(lib, l_t, top, _gemm(h_a.to(weight.dtype),
-                                                      weight.index_select(0, top.union)),
-                                 alpha, mode)
+            return _scatter_kept(lib, l_t, top, _head_at_c(lib, weight, h_a, top), alpha, mode)
         vals = top.values
         if alpha != 0.0:
             vals = vals - alpha * _head_at(weight, h_a, top.cols, top.rows)
@@ -223,20 +225,39 @@ class UldCombiner:
         return out
 
 
-def _scatter_kept(lib, l_t: torch.Tensor, top: TopKWithTies, la_union: torch.Tensor,
+# head dtypes the C dot products read in place (csrc/head_at.c)
+_C_HEAD_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _head_at_c(lib, weight: torch.Tensor, h_a: torch.Tensor, top: TopKWithTies) -> torch.Tensor:
+    """``_head_at(weight, h_a, top.cols, top.rows)`` as one C pass (``csrc/head_at.c``): a dot
+    product per kept entry, reading its head row in place, where ``_head_at`` gathers the
+    union's head rows and multiplies all of them with every row. float32 ``[m]``; a bf16
+    head's values are bf16, as its GEMM rounds them, and each is within one rounding of it."""
+    w = weight.contiguous()
+    h = h_a.to(w.dtype).contiguous()
+    rows, cols = top.rows.contiguous(), top.cols.contiguous()
+    a = torch.empty(cols.numel(), dtype=torch.float32)
+    fn = lib.uld_head_at_bf16 if w.dtype == torch.bfloat16 else lib.uld_head_at_f32
+    with torch.profiler.record_function("uld::head_at (C)"):  # profiles see no ctypes call
+        fn(a.data_ptr(), w.data_ptr(), h.data_ptr(), w.shape[1], a.numel(), rows.data_ptr(),
+           cols.data_ptr())
+    return a
+
+
+def _scatter_kept(lib, l_t: torch.Tensor, top: TopKWithTies, la: torch.Tensor,
                   alpha: float, mode: str) -> torch.Tensor:
-    """The ULD logits of ``_top_k_rows`` from the assistant's logits over the union of kept
-    columns (``[n, U]``), in one C pass (``csrc/scatter_kept.c``): the same values as the
-    torch ops it replaces, bit for bit."""
+    """The ULD logits of ``_top_k_rows`` from the assistant's logit at each kept entry
+    (float32 ``[m]``, in ``top``'s order), in one C pass (``csrc/scatter_kept.c``): the same
+    values as the torch ops it replaces, bit for bit."""
     n, V = l_t.shape
     out = (torch.empty((n, V), dtype=torch.float32) if mode == "generate"
            else l_t.clone(memory_format=torch.contiguous_format))
-    la = la_union.float().contiguous()
-    with torch.profiler.record_function("uld::scatter_kept (C)"):  # profiles see ctypes calls
+    la = la.float().contiguous()
+    with torch.profiler.record_function("uld::scatter_kept (C)"):
         lib.uld_scatter_kept_f32(out.data_ptr(), n, V, int(mode == "generate"),
                                  top.cols.numel(), top.rows.data_ptr(), top.cols.data_ptr(),
-                                 top.values.data_ptr(), top.union_pos.data_ptr(), la.data_ptr(),
-                                 la.shape[1], float(alpha))
+                                 top.values.data_ptr(), la.data_ptr(), float(alpha))
     return out
 
 

@@ -1,5 +1,5 @@
-/* The k largest values of each row of a float32 [n, V] block, ties with the k-th included,
- * and the union of the columns they fall in: the selection of the plausibility filter
+/* The k largest values of each row of a float32 [n, V] block, ties with the k-th included:
+ * the selection of the plausibility filter
  * (uld_vllm/core/topk.py documents the method; this is its one-pass CPU version).
  *
  * Per row: a lower bound of the k-th largest value from the k-th largest of G = 4k strided
@@ -98,15 +98,11 @@ static int64_t collect(const float *row, int64_t V, float bound, float *cv, int3
 
 /* x: [n, V] row-major; 1 <= k < V < 2^31. Outputs per row: kth[n], row_max[n], counts[n];
  * per listed entry, row-major and in column order within a row: rows, cols, vals (room for
- * `capacity` entries). With `used` (V bytes) and `union_cols` (V entries) also: the sorted
- * union of the listed columns (`*n_union` of them) and each entry's position in it, `pos`.
- * Returns the number of entries, which may exceed `capacity`: then nothing past it was
+ * `capacity` entries). Returns the number of entries, which may exceed `capacity`: then nothing past it was
  * written and the caller runs again with room for them all. -1: out of memory. */
 int64_t uld_top_k_with_ties_f32(const float *x, int64_t n, int64_t V, int64_t k,
                                 int64_t capacity, float *kth, float *row_max, int64_t *counts,
-                                int64_t *rows, int64_t *cols, float *vals,
-                                uint8_t *used, int64_t *union_cols, int64_t *n_union,
-                                int64_t *pos)
+                                int64_t *rows, int64_t *cols, float *vals)
 {
     const int64_t G = 4 * k;
     const int64_t s = V / G; /* values per group; s < 2: no bound, the whole row is searched */
@@ -114,7 +110,6 @@ int64_t uld_top_k_with_ties_f32(const float *x, int64_t n, int64_t V, int64_t k,
     float *cv = malloc((size_t)V * sizeof(float));
     int32_t *ci = malloc((size_t)V * sizeof(int32_t));
     if (!gm || !cv || !ci) { free(gm); free(cv); free(ci); return -1; }
-    if (used) memset(used, 0, (size_t)V);
     int64_t total = 0;
     for (int64_t r = 0; r < n; r++) {
         const float *row = x + r * V;
@@ -140,23 +135,11 @@ int64_t uld_top_k_with_ties_f32(const float *x, int64_t n, int64_t V, int64_t k,
                 cols[total + cnt] = ci[j];
                 vals[total + cnt] = cv[j];
             }
-            if (used) used[ci[j]] = 1;
             cnt++;
         }
         counts[r] = cnt;
         total += cnt;
     }
     free(gm); free(cv); free(ci);
-    if (used && total <= capacity) {
-        int64_t u = 0;
-        for (int64_t c = 0; c < V; c++)
-            if (used[c]) union_cols[u++] = c;
-        *n_union = u;
-        int32_t *map = malloc((size_t)V * sizeof(int32_t)); /* column -> its place in the union */
-        if (!map) return -1;
-        for (int64_t j = 0; j < u; j++) map[union_cols[j]] = (int32_t)j;
-        for (int64_t e = 0; e < total; e++) pos[e] = map[cols[e]];
-        free(map);
-    }
     return total;
 }
