@@ -9,6 +9,7 @@ import time
 import pytest
 
 from uld_vllm.bench import common
+from uld_vllm.bench.report import paired_lines
 from uld_vllm.bench.throughput import paired_ratios
 
 HOLD = "import sys, time; b = bytearray({n} * 2**20); b[::4096] = b'x' * len(b[::4096]); " \
@@ -85,6 +86,19 @@ def test_paired_ratios_pair_runs_by_position():
     plain = {"tokens": 120, "runs_s": [1.0, 1.2, 2.4]}
     # run i: (100 / uld_i) / (120 / plain_i)
     assert paired_ratios(uld, plain) == [0.4167, 1.0, 0.5]
+
+
+@pytest.mark.parametrize("no_eager,compiled_set,want", [
+    (False, False, ["eager"]), (False, True, ["eager", "compiled"]), (True, False, ["compiled"])])
+def test_paired_lines_name_the_mode_that_ran(no_eager, compiled_set, want):
+    # --no-eager makes the main runs compiled; --compiled adds compiled runs beside eager ones
+    w = {"kind": "decode", "batch": 1, "max_tokens": 64, "paired_uld_over_plain": [0.9, 0.95]}
+    if compiled_set:
+        w["compiled"] = {"paired_uld_over_plain": [0.97]}
+    lines = paired_lines({"config": {"no_eager": no_eager}, "workloads": [w]})
+    assert [line.split(", each")[0] for line in lines] == [
+        f"decode b1 x64 ULD/plain {mode}" for mode in want]
+    assert lines[0].endswith("0.900, 0.950")
 
 
 def test_pin_frontend_moves_nothing_when_the_engine_runs_in_this_process(monkeypatch):

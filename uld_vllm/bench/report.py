@@ -86,13 +86,7 @@ def throughput_table(rep: dict) -> str:
             line += (f" (the reference's own outputs at its two batch sizes: identical on "
                      f"{w['reference_greedy_same_across_batches']:.0%})")
         lines.append(line)
-    for w in rep["workloads"]:
-        # the spread of the interleaved repeats: how far one repeat's ratio is from the median
-        for mode, paired in (("eager", w.get("paired_uld_over_plain")),
-                             ("compiled", w.get("compiled", {}).get("paired_uld_over_plain"))):
-            if paired:
-                lines.append(f"{workload_label(w)} ULD/plain {mode}, each repeat against the "
-                             f"plain run beside it: " + ", ".join(f"{x:.3f}" for x in paired))
+    lines += paired_lines(rep)
     for label, tgt in rep["targets"].items():
         mode = f" ({tgt['mode']})" if "mode" in tgt else ""
         lines.append(f"target {label}{mode} >= {tgt['target']}: measured {tgt['measured']:.3f}"
@@ -101,6 +95,21 @@ def throughput_table(rep: dict) -> str:
     lines.append(f"load average before {la['before']}, after {la['after']}; wall "
                  f"{rep['wall_s']:.0f} s")
     return "\n".join(lines)
+
+
+def paired_lines(rep: dict) -> list[str]:
+    """The spread of the interleaved repeats: how far one repeat's ratio is from the median.
+    The main runs are eager unless ``--no-eager`` made them compiled; ``--compiled`` adds a
+    compiled set beside eager ones."""
+    main_mode = "compiled" if rep.get("config", {}).get("no_eager") else "eager"
+    lines = []
+    for w in rep["workloads"]:
+        for mode, paired in ((main_mode, w.get("paired_uld_over_plain")),
+                             ("compiled", w.get("compiled", {}).get("paired_uld_over_plain"))):
+            if paired:
+                lines.append(f"{workload_label(w)} ULD/plain {mode}, each repeat against the "
+                             f"plain run beside it: " + ", ".join(f"{x:.3f}" for x in paired))
+    return lines
 
 
 def _plt():
