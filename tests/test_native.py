@@ -1,4 +1,4 @@
-"""uld_vllm.core.native: the C selection's build, its cache and the fallback without a compiler."""
+"""uld_vllm.core.native: the C library's build, its cache and the fallback without a compiler."""
 
 import pytest
 import torch

@@ -45,9 +45,10 @@ def library() -> ctypes.CDLL | None:
     if "lib" not in _state:
         _state["lib"], _state["status"] = _load()
         if _state["lib"] is None:
-            _log.warning("uld-vllm's C selection is not available (%s); the torch code runs "
-                         "instead, ~2-3 ms slower per batch-32 step. Fix: install a C compiler "
-                         "(gcc) or point CC at one; ULD_NATIVE=0 silences this.",
+            _log.warning("uld-vllm's C code for the CPU combine (the filter's top k, the "
+                         "kept-token head, the scatter) is not available (%s); the torch code "
+                         "runs instead, a few ms slower per batch-32 step. Fix: install a C "
+                         "compiler (gcc) or point CC at one; ULD_NATIVE=0 silences this.",
                          _state["status"])
     return _state["lib"]
 
