@@ -4,13 +4,15 @@
  * The torch code gathers the head rows of the batch's kept columns (a memory-bound copy) and
  * multiplies them with all n rows, computing n x U products for the batch's m kept entries.
  * Here each entry reads its head row in place (prefetched a few entries ahead: the rows are
- * scattered over the head) and computes only its own product: at batch 1 and bf16 the
- * 491-entry step takes ~0.06 ms against ~0.2 ms, at batch 32 ~0.4 against ~0.9 ms.
+ * scattered over the head) and computes only its own product. On this project's Zen 5 core,
+ * bf16, caches cold: batch 1 (~500 entries) ~0.06 ms a call against ~0.2 ms, batch 32 ~0.4
+ * against ~0.9 ms (benchmarks/README.md, "Run J").
  *
  * bf16 heads: the products are exact in float32 (vdpbf16ps where the CPU has AVX512-BF16,
- * which reads subnormal bf16 inputs as zero: a head has none), summed in float32 and rounded to bf16, as the head's own bf16 GEMM rounds its logits; the
- * sum's order differs from the GEMM's, so an entry may differ from it by one bf16 rounding.
- * float32 heads: a float32 sum in another order than the GEMM's (a few ulp). */
+ * which reads subnormal bf16 inputs as zero: a head has none), summed in float32 and rounded
+ * to bf16, as the head's own bf16 GEMM rounds its logits. The sum's order differs from the
+ * GEMM's, so an entry may differ from it by one bf16 rounding. float32 heads: a float32 sum in
+ * another order than the GEMM's (a few ulp). */
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX512F__)

@@ -98,8 +98,9 @@ static int64_t collect(const float *row, int64_t V, float bound, float *cv, int3
 
 /* x: [n, V] row-major; 1 <= k < V < 2^31. Outputs per row: kth[n], row_max[n], counts[n];
  * per listed entry, row-major and in column order within a row: rows, cols, vals (room for
- * `capacity` entries). Returns the number of entries, which may exceed `capacity`: then nothing past it was
- * written and the caller runs again with room for them all. -1: out of memory. */
+ * `capacity` entries). Returns the number of entries, which may exceed `capacity`: then
+ * nothing past it was written and the caller runs again with room for them all. -1: out of
+ * memory. */
 int64_t uld_top_k_with_ties_f32(const float *x, int64_t n, int64_t V, int64_t k,
                                 int64_t capacity, float *kth, float *row_max, int64_t *counts,
                                 int64_t *rows, int64_t *cols, float *vals)
