@@ -1,12 +1,12 @@
 """C helpers for the CPU hot path, built on first use with the system's C compiler.
 
 The sources live in ``csrc/`` beside this module, one op each, built into one library. Each is
-plain C with no torch headers: it
-builds in about a second and loads through ``ctypes``, where a torch C++ extension takes
-minutes to compile on a small machine. The library is built with ``-march=native`` for the CPU
-it runs on, so the cache key holds the CPU's flags with the source and the compiler; it lives
-in ``$ULD_VLLM_HOME/native`` (default ``~/.cache/uld-vllm/native``), written atomically so that
-processes starting together can share it.
+plain C with no torch headers: the library builds in about a second and loads through
+``ctypes``, where a torch C++ extension takes minutes to compile on a small machine. The library
+is built with ``-march=native`` for the CPU it runs on, so the cache key holds the CPU's flags
+with the source and the compiler; it lives in ``$ULD_VLLM_HOME/native`` (default
+``~/.cache/uld-vllm/native``), written atomically so that processes starting together can share
+it.
 
 Without a working compiler the callers fall back to their torch code, and one warning says
 so. ``ULD_NATIVE=0`` turns the library off (the torch code runs; for A/B measurements and as

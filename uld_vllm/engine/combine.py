@@ -234,14 +234,14 @@ def _head_at_c(lib, weight: torch.Tensor, h_a: torch.Tensor, top: TopKWithTies) 
     product per kept entry, reading its head row in place, where ``_head_at`` gathers the
     union's head rows and multiplies all of them with every row. float32 ``[m]``; a bf16
     head's values are bf16, as its GEMM rounds them, and each is within one rounding of it."""
+    # top's rows/cols are the C selection's own contiguous outputs, as _scatter_kept assumes
     w = weight.contiguous()
     h = h_a.to(w.dtype).contiguous()
-    rows, cols = top.rows.contiguous(), top.cols.contiguous()
-    a = torch.empty(cols.numel(), dtype=torch.float32)
+    a = torch.empty(top.cols.numel(), dtype=torch.float32)
     fn = lib.uld_head_at_bf16 if w.dtype == torch.bfloat16 else lib.uld_head_at_f32
     with torch.profiler.record_function("uld::head_at (C)"):  # profiles see no ctypes call
-        fn(a.data_ptr(), w.data_ptr(), h.data_ptr(), w.shape[1], a.numel(), rows.data_ptr(),
-           cols.data_ptr())
+        fn(a.data_ptr(), w.data_ptr(), h.data_ptr(), w.shape[1], a.numel(), top.rows.data_ptr(),
+           top.cols.data_ptr())
     return a
 
 
@@ -253,7 +253,6 @@ def _scatter_kept(lib, l_t: torch.Tensor, top: TopKWithTies, la: torch.Tensor,
     n, V = l_t.shape
     out = (torch.empty((n, V), dtype=torch.float32) if mode == "generate"
            else l_t.clone(memory_format=torch.contiguous_format))
-    la = la.float().contiguous()
     with torch.profiler.record_function("uld::scatter_kept (C)"):
         lib.uld_scatter_kept_f32(out.data_ptr(), n, V, int(mode == "generate"),
                                  top.cols.numel(), top.rows.data_ptr(), top.cols.data_ptr(),
