@@ -108,3 +108,60 @@ def test_pin_frontend_moves_nothing_when_the_engine_runs_in_this_process(monkeyp
     bind = common.bind_cpu(1)
     assert common.pin_frontend(bind) == [] and "frontend_cores" not in bind
     assert os.sched_getaffinity(0) == saved
+
+
+# ---------------------------------------------------------------- `bench ab`'s variants
+def test_ab_variant_is_a_system_then_environment_variables():
+    from uld_vllm.bench.ab import parse_variant
+
+    assert parse_variant("plain", "--a") == {"spec": "plain", "system": "plain", "env": {}}
+    v = parse_variant("uld ULD_NATIVE=0 ULD_SPARSE_HEAD_FRACTION='0'", "--b")
+    assert v["system"] == "uld" and v["env"] == {"ULD_NATIVE": "0",
+                                                 "ULD_SPARSE_HEAD_FRACTION": "0"}
+    assert parse_variant("uld CC=ccache=gcc", "--a")["env"] == {"CC": "ccache=gcc"}
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("", ["--a", "does not start with a system", "plain or uld"]),
+    ("vllm", ["--a", "'vllm'", "plain or uld"]),
+    ("ULD_NATIVE=0 uld", ["does not start with a system"]),
+    ("uld ULD_NATIVE", ["'ULD_NATIVE' is not NAME=VALUE"]),
+    ("uld 1X=2", ["'1X=2' is not NAME=VALUE"]),
+])
+def test_ab_refuses_a_malformed_variant_in_one_line(spec, words, capsys):
+    from uld_vllm.bench.ab import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--a", spec])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("uld-vllm bench ab: error:")
+    for w in words:
+        assert w in err, err
+
+
+def test_ab_refuses_environment_variants_when_engines_share_this_process(monkeypatch, capsys):
+    from uld_vllm.bench.ab import parse_args
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    assert parse_args(["--a", "plain", "--b", "uld"]).variants["b"]["env"] == {}
+    with pytest.raises(SystemExit):
+        parse_args(["--a", "uld ULD_NATIVE=0", "--b", "uld"])
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING=0" in capsys.readouterr().err
+
+
+def test_ab_sets_a_variants_environment_only_while_its_engine_starts(monkeypatch):
+    from uld_vllm.bench.ab import started_with
+
+    monkeypatch.setenv("ULD_TEST_KEPT", "before")
+    monkeypatch.delenv("ULD_TEST_NEW", raising=False)
+    seen = started_with({"ULD_TEST_KEPT": "during", "ULD_TEST_NEW": "1"},
+                        lambda: (os.environ["ULD_TEST_KEPT"], os.environ["ULD_TEST_NEW"]))
+    assert seen == ("during", "1")
+    assert os.environ["ULD_TEST_KEPT"] == "before" and "ULD_TEST_NEW" not in os.environ
+
+    def fail():
+        raise RuntimeError("engine failed to start")
+
+    with pytest.raises(RuntimeError):
+        started_with({"ULD_TEST_KEPT": "during", "ULD_TEST_NEW": "1"}, fail)
+    assert os.environ["ULD_TEST_KEPT"] == "before" and "ULD_TEST_NEW" not in os.environ

@@ -163,6 +163,62 @@ def test_throughput_smoke(tmp_path, workdir):
         in r.stdout
 
 
+def test_ab_smoke_each_variant_runs_with_its_own_environment(tmp_path):
+    from uld_vllm.core import native
+
+    out = tmp_path / "out"
+    # confident rows (init std 0.2), r = 0.1 and the sparse head forced on both (it would
+    # not pay at 51 of 512 tokens): the top-k path, where ULD_NATIVE picks the C or torch code
+    sparse = "ULD_SPARSE_HEAD_FRACTION=1"
+    r = run(["benchmarks/ab.py", *TINY, "--init-std", "0.2", "--workdir", str(tmp_path / "m"),
+             "--batches", "1", "2", "--new-tokens", "6", "--repeats", "3",
+             "--uld-filter-ratio", "0.1", "--a", f"uld ULD_NATIVE=0 {sparse}", "--b",
+             f"uld {sparse}", "--out", str(out)], 600, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((out / "ab.json").read_text())
+    assert rep["benchmark"] == "ab" and rep["dtype"] == "float32" and rep["compiled"] is False
+    assert rep["kv_cache_gib"] == 1 and rep["threads"]["cores"] == [0]
+    va, vb = rep["variants"]["a"], rep["variants"]["b"]
+    assert (va["system"], va["env"], vb["system"], vb["env"]) == (
+        "uld", {"ULD_NATIVE": "0", "ULD_SPARSE_HEAD_FRACTION": "1"}, "uld",
+        {"ULD_SPARSE_HEAD_FRACTION": "1"})
+    for v in (va, vb):
+        assert positive(v["start_s"]) and positive(v["peak_rss_mib"])
+        assert v["worker_cores"] == [0]
+        assert v["combiner"]["filter_ratio"] == 0.1 and v["combiner"]["stats"]["sparse"] > 0
+        assert "when rows keep <= 1 of the vocabulary" in v["combiner"]["description"]
+    # A's engine saw ULD_NATIVE=0, B's did not (the front-end's environment was restored)
+    assert va["combiner"]["description"].endswith("kept-token head: torch")
+    assert va["combiner"]["stats"]["c_finish"] == 0
+    if native.library() is not None:
+        assert "kept-token head: C (" in vb["combiner"]["description"]
+        assert vb["combiner"]["stats"]["c_finish"] > 0  # the steps whose rows keep their top k
+    assert [w["name"] for w in rep["workloads"]] == ["decode_b1", "decode_b2"]
+    for w in rep["workloads"]:
+        a, b = w["results"]["a"], w["results"]["b"]
+        assert a["tokens"] == b["tokens"] == w["batch"] * 6  # ignore_eos
+        assert len(a["runs_s"]) == len(b["runs_s"]) == 3
+        assert w["b_over_a"] == pytest.approx(b["tokens_per_s"] / a["tokens_per_s"])
+        assert w["paired_b_over_a"] == [round(b["tokens"] / tb / (a["tokens"] / ta), 4)
+                                        for tb, ta in zip(b["runs_s"], a["runs_s"])]
+        assert 0.0 <= w["greedy_same"] <= 1.0
+    assert (out / "ab.png").read_bytes()[:8] == PNG_MAGIC
+    assert "B/A paired median" in r.stdout and "A combine: " in r.stdout
+
+
+def test_ab_smoke_plain_against_itself(tmp_path, workdir):
+    out = tmp_path / "out"
+    r = run(["benchmarks/ab.py", *TINY, "--workdir", str(workdir), "--batches", "2",
+             "--new-tokens", "4", "--repeats", "1", "--a", "plain", "--b", "plain",
+             "--out", str(out)], 600, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((out / "ab.json").read_text())
+    assert rep["variants"]["a"]["combiner"] is None and rep["variants"]["b"]["combiner"] is None
+    (w,) = rep["workloads"]
+    assert w["greedy_same"] == 1.0 and positive(w["b_over_a"])
+    assert "combine:" not in r.stdout
+
+
 def test_serving_smoke(tmp_path, workdir):
     out = tmp_path / "out"
     r = run(["benchmarks/serving.py", *TINY, "--workdir", str(workdir), "--requests", "6",
@@ -204,6 +260,10 @@ def test_bench_cli_help_and_errors():
     r = cli("bench", "throughput", "--model", "some/model")
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(err) == 1 and "--uld-adapter" in err[0]
+    r = cli("bench", "ab", "--help")
+    assert r.returncode == 0 and "--a" in r.stdout and "NAME=VALUE" in r.stdout
+    r = cli("bench", "ab", "--a", "vllm")
+    assert r.returncode == 2 and "plain or uld" in r.stderr.strip().splitlines()[-1]
     r = cli("bench", "throughput", "--threads", "999")
     assert r.returncode == 2 and "--threads" in r.stderr
 

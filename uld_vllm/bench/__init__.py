@@ -1,4 +1,4 @@
-"""`uld-vllm bench {throughput,serving,soak} ...`: the benchmark programs.
+"""`uld-vllm bench {throughput,ab,serving,soak} ...`: the benchmark programs.
 
 The logic lives here (so the installed console script runs it from anywhere); the scripts in
 ``benchmarks/`` are thin wrappers around :func:`main`.
@@ -12,10 +12,11 @@ from uld_vllm.errors import UldError, exit_status
 
 BENCHMARKS = {
     "throughput": "offline tokens/s: plain vLLM vs the ULD engine vs the reference decoder",
+    "ab": "two engine variants (plain/uld, environment) taking turns on the same decode",
     "serving": "OpenAI server under concurrent streaming load: plain vs --uld-adapter",
     "soak": "ULD server under mixed load with disconnects and bad requests; leak checks",
 }
-USAGE = "usage: uld-vllm bench {throughput,serving,soak} [ARGS...]"
+USAGE = "usage: uld-vllm bench {throughput,ab,serving,soak} [ARGS...]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(name: str, rest: list[str]) -> int:
     if name == "throughput":
         from uld_vllm.bench.throughput import main as run
+    elif name == "ab":
+        from uld_vllm.bench.ab import main as run
     elif name == "serving":
         from uld_vllm.bench.serving import main as run
     elif name == "soak":
         from uld_vllm.bench.soak import main as run
     else:
-        raise UldError(f"unknown benchmark {name!r}", "choose throughput, serving or soak")
+        raise UldError(f"unknown benchmark {name!r}", "choose throughput, ab, serving or soak")
     return run(rest)

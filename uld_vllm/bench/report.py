@@ -205,3 +205,62 @@ def serving_chart(rep: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def ab_table(rep: dict) -> str:
+    import statistics
+
+    va, vb = rep["variants"]["a"], rep["variants"]["b"]
+    headers = ["workload", "A tok/s", "B tok/s", "B/A", "B/A paired median", "paired min-max",
+               "same greedy tokens"]
+    rows = []
+    for w in rep["workloads"]:
+        r, paired = w["results"], w["paired_b_over_a"]
+        rows.append([workload_label(w), f"{r['a']['tokens_per_s']:.1f}",
+                     f"{r['b']['tokens_per_s']:.1f}", f"{w['b_over_a']:.3f}",
+                     f"{statistics.median(paired):.3f}",
+                     f"{min(paired):.3f}-{max(paired):.3f}", f"{w['greedy_same']:.0%}"])
+    la = rep["load_average"]
+    return "\n".join([
+        "",
+        f"machine: {rep['machine']['cpu']} ({rep['machine']['logical_cpus']} logical CPUs), "
+        f"{rep['dtype']}, {'compiled' if rep['compiled'] else 'eager'}; threads: "
+        f"{rep['threads']['threads']}; KV cache {rep['kv_cache_gib']} GiB",
+        f"A = {va['spec']} (started in {va['start_s']:.0f} s, peak RSS {va['peak_rss_mib']:.0f} "
+        f"MiB); B = {vb['spec']} (started in {vb['start_s']:.0f} s, peak RSS "
+        f"{vb['peak_rss_mib']:.0f} MiB)",
+        f"both alive, taking turns (the first alternating), median of "
+        f"{rep['workloads'][0]['repeats']} runs each; paired: each B run against the A run "
+        f"beside it",
+        "",
+        table(headers, rows),
+        "",
+        *(f"{n.upper()} combine: {v['combiner']['description']}; steps by path "
+          f"{v['combiner']['stats']}" for n, v in rep["variants"].items() if v["combiner"]),
+        f"load average before {la['before']}, after {la['after']}; wall {rep['wall_s']:.0f} s",
+    ])
+
+
+def ab_chart(rep: dict, path: Path) -> None:
+    """B / A of every repeat, per workload, with the ratio of the medians."""
+    plt = _plt()
+    loads = rep["workloads"]
+    fig, ax = plt.subplots(figsize=(3 + 1.6 * len(loads), 4.2))
+    for i, w in enumerate(loads):
+        paired = w["paired_b_over_a"]
+        ax.scatter([i] * len(paired), paired, color=COLORS["uld"], s=18, zorder=3,
+                   label="one repeat against its neighbour" if i == 0 else None)
+        ax.hlines(w["b_over_a"], i - 0.3, i + 0.3, color=COLORS["plain"], lw=2,
+                  label="ratio of the medians" if i == 0 else None)
+        ax.text(i + 0.32, w["b_over_a"], f"{w['b_over_a']:.3f}", va="center", fontsize=8)
+    ax.axhline(1.0, color="#999999", lw=0.8, ls="--")
+    ax.set_xticks(range(len(loads)), [workload_label(w) for w in loads], fontsize=8)
+    ax.set_xlim(-0.6, len(loads) - 0.1)
+    ax.set_ylabel("B tokens/s / A tokens/s")
+    va, vb = rep["variants"]["a"]["spec"], rep["variants"]["b"]["spec"]
+    ax.set_title(f"A = {va}\nB = {vb}\n{rep['dtype']}, "
+                 f"{'compiled' if rep['compiled'] else 'eager'}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

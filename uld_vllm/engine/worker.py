@@ -31,13 +31,14 @@ class UldWorkerExtension:
         return mode
 
     def uld_combiner_state(self) -> dict | None:
-        """The combiner's settings and path counters (None on a plain model)."""
+        """The combiner's settings, the path it chose at start (``description``, as logged)
+        and its path counters; None on a plain model."""
         model = self._uld_model()
         if model is None:
             return None
         c = model.uld_combiner
         return {"alpha": c.alpha, "mode": c.mode, "filter_ratio": c.filter_ratio,
-                "backend": c.backend, "stats": dict(c.stats)}
+                "backend": c.backend, "description": c.description, "stats": dict(c.stats)}
 
     def uld_forward_state(self) -> dict | None:
         """Whether vLLM compiles the ULD forward, whether it is compiled now (in this run, or

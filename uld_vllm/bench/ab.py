@@ -1,0 +1,192 @@
+"""`uld-vllm bench ab`: two engine variants, alive together, taking turns on the same decode.
+
+A variant is a system (``plain`` vLLM or the ``uld`` engine) and, optionally, environment
+variables its engine starts with, e.g. ``--a "uld ULD_NATIVE=0" --b uld`` (the torch combine
+against the C one) or ``--a plain --b uld``. Both engines are alive in this process at once
+and run every repeat of every batch one after the other, the first to go alternating, so that
+the machine's drift and the engine-instance variance of a sequential run land on both; each
+repeat is also reported against its neighbour. ``--a X --b X`` (an A/A run) shows the noise.
+
+The variables reach only the engine they are given for: each vLLM engine runs in its own
+processes, which copy the environment when the engine starts (the combine reads ``ULD_NATIVE``,
+``ULD_BACKEND`` and ``ULD_SPARSE_HEAD_FRACTION`` there), and this process restores its own
+right after. Writes ``ab.json`` and ``ab.png`` to ``--out`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import time
+from pathlib import Path
+
+from uld_vllm.bench import common
+from uld_vllm.bench.throughput import paired_ratios, run_interleaved, start_engine, stop_engine
+from uld_vllm.errors import UldError
+
+SYSTEMS = ("plain", "uld")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_variant(text: str, flag: str) -> dict:
+    """``"uld ULD_NATIVE=0"`` -> ``{"spec": ..., "system": "uld", "env": {"ULD_NATIVE": "0"}}``."""
+    words = shlex.split(text)
+    if not words or words[0] not in SYSTEMS:
+        raise UldError(f"{flag} {text!r} does not start with a system",
+                       f"start it with {' or '.join(SYSTEMS)}, e.g. {flag} \"uld ULD_NATIVE=0\"")
+    env = {}
+    for word in words[1:]:
+        name, eq, value = word.partition("=")
+        if not eq or not _ENV_NAME.fullmatch(name):
+            raise UldError(f"{flag} {text!r}: {word!r} is not NAME=VALUE",
+                           "give environment variables as NAME=VALUE after the system")
+        env[name] = value
+    return {"spec": text, "system": words[0], "env": env}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="uld-vllm bench ab",
+                                description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_bench_model_args(p)
+    v = p.add_argument_group("variants")
+    v.add_argument("--a", default="plain",
+                   help="variant A: plain or uld, then NAME=VALUE environment variables")
+    v.add_argument("--b", default="uld", help="variant B, as --a")
+    w = p.add_argument_group("workload")
+    w.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="decode batch sizes")
+    w.add_argument("--new-tokens", type=int, default=64, help="tokens per request (ignore_eos)")
+    w.add_argument("--prompt-tokens", type=int, default=32)
+    w.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per variant and batch (the median is reported)")
+    w.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
+    w.add_argument("--no-eager", action="store_true",
+                   help="let vLLM compile both engines (default: enforce_eager)")
+    a = p.parse_args(argv)
+    for name in ("new_tokens", "prompt_tokens", "repeats"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(a.batches) < 1:
+        p.error("--batches must be >= 1")
+    try:
+        a.variants = {"a": parse_variant(a.a, "--a"), "b": parse_variant(a.b, "--b")}
+    except UldError as e:
+        p.error(str(e))
+    env_given = any(v["env"] for v in a.variants.values())
+    if env_given and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
+        p.error("VLLM_ENABLE_V1_MULTIPROCESSING=0 runs both engines in this process, where a "
+                "variant's environment would reach the other one too; unset it")
+    return a
+
+
+def started_with(env: dict[str, str], make):
+    """``make()`` with ``env`` set, this process's environment restored afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return make()
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = print
+    bind = common.bind_cpu(args.threads)
+    common.pin_frontend(bind)
+    load_before = common.load_average()
+    m = common.resolve_model(args, log=log)
+    facts = common.model_facts(m["model"], m["adapter"], alpha=args.uld_alpha,
+                               filter_ratio=args.uld_filter_ratio)
+    prompts = common.fixed_prompts(m["model"], max(args.batches), args.prompt_tokens)
+    loads = [{"name": f"decode_b{b}", "kind": "decode", "batch": b,
+              "max_tokens": args.new_tokens, "ignore_eos": True, "prompts": prompts[:b],
+              "repeats": args.repeats} for b in args.batches]
+    max_seqs = args.max_num_seqs or 256  # vLLM's CPU default for the offline LLM
+    need = min(max(args.batches), max_seqs) * (args.prompt_tokens + args.new_tokens)
+    if args.kv_cache_gib is not None:
+        kv = (args.kv_cache_gib, "--kv-cache-gib")
+    elif os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        kv = (int(os.environ["VLLM_CPU_KVCACHE_SPACE"]), "VLLM_CPU_KVCACHE_SPACE")
+    else:
+        kv = (common.kv_cache_gib(facts, args.dtype, need),
+              f"sized for {need} tokens at once in the ULD engine")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv[0])
+    log(f"model {m['model']}, adapter {m['adapter']} (K={facts['k']}); {args.dtype}; "
+        f"{'compiled' if args.no_eager else 'eager'}; threads: {bind['vllm']}; KV cache "
+        f"{kv[0]} GiB ({kv[1]})")
+
+    from vllm import LLM as PlainLLM
+    from vllm import SamplingParams
+
+    import uld_vllm
+
+    kw = dict(dtype=args.dtype, max_model_len=args.prompt_tokens + args.new_tokens + 16,
+              enforce_eager=not args.no_eager, seed=0)
+    if args.max_num_seqs:
+        kw["max_num_seqs"] = args.max_num_seqs
+    uld_kw = dict(uld_adapter=m["adapter"], uld_alpha=args.uld_alpha,
+                  uld_filter_ratio=args.uld_filter_ratio)
+    engines = []
+    for name, v in args.variants.items():
+        def make(v=v):
+            if v["system"] == "plain":
+                return PlainLLM(m["model"], **kw)
+            return uld_vllm.LLM(m["model"], **uld_kw, **kw)
+
+        log(f"{name} = {v['spec']}: starting the engine")
+        engines.append(start_engine(name, lambda make=make, v=v: started_with(v["env"], make),
+                                    loads, log))
+    # one untimed run of every batch on each engine: first-call costs (allocations, the
+    # compiled graph's first shapes) stay out of the first timed repeat
+    for e in engines:
+        for w in loads:
+            e["llm"].generate([{"prompt_token_ids": p} for p in w["prompts"]],
+                              SamplingParams(max_tokens=w["max_tokens"], temperature=0.0,
+                                             ignore_eos=True), use_tqdm=False)
+    results, outputs = run_interleaved(engines, loads, log)
+    # what each ULD engine ran, from its worker: the combine path its environment chose and
+    # how many steps took each path (so a variable that did not take effect shows here)
+    combiners = {e["name"]: e["llm"].collective_rpc("uld_combiner_state")[0]
+                 for e, v in zip(engines, args.variants.values()) if v["system"] == "uld"}
+    systems = {e["name"]: stop_engine(e) for e in engines}
+
+    rows = []
+    for w in loads:
+        ra, rb = results["a"][w["name"]], results["b"][w["name"]]
+        oa, ob = outputs["a"][w["name"]], outputs["b"][w["name"]]
+        rows.append({
+            "name": w["name"], "kind": "decode", "batch": w["batch"],
+            "max_tokens": w["max_tokens"], "repeats": w["repeats"],
+            "results": {"a": ra, "b": rb},
+            "b_over_a": rb["tokens_per_s"] / ra["tokens_per_s"],
+            "paired_b_over_a": paired_ratios(rb, ra),
+            # greedy on both: whether the two variants wrote the same tokens (a code change
+            # that should not change the output, e.g. the C combine for the torch one)
+            "greedy_same": common.same_fraction(oa, ob)})
+    report = {"benchmark": "ab", "machine": common.machine_info(), "threads": bind,
+              "kv_cache_gib": kv[0], "kv_cache_source": kv[1], "dtype": args.dtype,
+              "compiled": args.no_eager, "model": {**m, **facts},
+              "memory_method": common.PeakRSS.METHOD,
+              "variants": {n: {**v, **systems[n], "combiner": combiners.get(n)}
+                           for n, v in args.variants.items()},
+              "workloads": rows, "config": {k: v for k, v in vars(args).items()
+                                            if k != "variants"},
+              "load_average": {"before": load_before, "after": common.load_average()},
+              "wall_s": round(time.perf_counter() - t_start, 1)}
+    common.write_json(out / "ab.json", report)
+    from uld_vllm.bench.report import ab_chart, ab_table
+
+    ab_chart(report, out / "ab.png")
+    print(ab_table(report))
+    print(f"wrote {out / 'ab.json'} and {out / 'ab.png'}")
+    return 0
