@@ -32,7 +32,11 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 def parse_variant(text: str, flag: str) -> dict:
     """``"uld ULD_NATIVE=0"`` -> ``{"spec": ..., "system": "uld", "env": {"ULD_NATIVE": "0"}}``."""
-    words = shlex.split(text)
+    try:
+        words = shlex.split(text)
+    except ValueError as e:  # an unclosed quote
+        raise UldError(f"{flag} {text!r} cannot be split into words ({e})",
+                       "close its quotes") from None
     if not words or words[0] not in SYSTEMS:
         raise UldError(f"{flag} {text!r} does not start with a system",
                        f"start it with {' or '.join(SYSTEMS)}, e.g. {flag} \"uld ULD_NATIVE=0\"")
