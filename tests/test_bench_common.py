@@ -150,19 +150,16 @@ def test_ab_refuses_environment_variants_when_engines_share_this_process(monkeyp
     assert "VLLM_ENABLE_V1_MULTIPROCESSING=0" in capsys.readouterr().err
 
 
-def test_ab_sets_a_variants_environment_only_while_its_engine_starts(monkeypatch):
-    from uld_vllm.bench.ab import started_with
+def test_a_variants_environment_is_set_only_while_its_engine_starts(monkeypatch):
+    from uld_vllm.jobs.spec import environment
 
     monkeypatch.setenv("ULD_TEST_KEPT", "before")
     monkeypatch.delenv("ULD_TEST_NEW", raising=False)
-    seen = started_with({"ULD_TEST_KEPT": "during", "ULD_TEST_NEW": "1"},
-                        lambda: (os.environ["ULD_TEST_KEPT"], os.environ["ULD_TEST_NEW"]))
-    assert seen == ("during", "1")
+    with environment({"ULD_TEST_KEPT": "during", "ULD_TEST_NEW": "1"}):
+        assert (os.environ["ULD_TEST_KEPT"], os.environ["ULD_TEST_NEW"]) == ("during", "1")
     assert os.environ["ULD_TEST_KEPT"] == "before" and "ULD_TEST_NEW" not in os.environ
 
-    def fail():
-        raise RuntimeError("engine failed to start")
-
     with pytest.raises(RuntimeError):
-        started_with({"ULD_TEST_KEPT": "during", "ULD_TEST_NEW": "1"}, fail)
+        with environment({"ULD_TEST_KEPT": "during", "ULD_TEST_NEW": "1"}):
+            raise RuntimeError("engine failed to start")
     assert os.environ["ULD_TEST_KEPT"] == "before" and "ULD_TEST_NEW" not in os.environ

@@ -20,11 +20,11 @@ import os
 import re
 import shlex
 import time
-from pathlib import Path
 
 from uld_vllm.bench import common
 from uld_vllm.bench.throughput import paired_ratios, run_interleaved, start_engine, stop_engine
 from uld_vllm.errors import UldError
+from uld_vllm.jobs.spec import environment
 
 SYSTEMS = ("plain", "uld")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -85,46 +85,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def started_with(env: dict[str, str], make):
-    """``make()`` with ``env`` set, this process's environment restored afterwards."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return make()
-    finally:
-        for k, old in saved.items():
-            if old is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = old
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     log = print
-    bind = common.bind_cpu(args.threads)
-    common.pin_frontend(bind)
-    load_before = common.load_average()
-    m = common.resolve_model(args, log=log)
-    facts = common.model_facts(m["model"], m["adapter"], alpha=args.uld_alpha,
-                               filter_ratio=args.uld_filter_ratio)
+    out, bind, load_before, m, facts = common.offline_setup(args, log)
     prompts = common.fixed_prompts(m["model"], max(args.batches), args.prompt_tokens)
     loads = [{"name": f"decode_b{b}", "kind": "decode", "batch": b,
               "max_tokens": args.new_tokens, "ignore_eos": True, "prompts": prompts[:b],
               "repeats": args.repeats} for b in args.batches]
     max_seqs = args.max_num_seqs or 256  # vLLM's CPU default for the offline LLM
     need = min(max(args.batches), max_seqs) * (args.prompt_tokens + args.new_tokens)
-    if args.kv_cache_gib is not None:
-        kv = (args.kv_cache_gib, "--kv-cache-gib")
-    elif os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        kv = (int(os.environ["VLLM_CPU_KVCACHE_SPACE"]), "VLLM_CPU_KVCACHE_SPACE")
-    else:
-        kv = (common.kv_cache_gib(facts, args.dtype, need),
-              f"sized for {need} tokens at once in the ULD engine")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv[0])
+    kv = common.set_kv_cache(args, facts, need)
     log(f"model {m['model']}, adapter {m['adapter']} (K={facts['k']}); {args.dtype}; "
         f"{'compiled' if args.no_eager else 'eager'}; threads: {bind['vllm']}; KV cache "
         f"{kv[0]} GiB ({kv[1]})")
@@ -143,13 +115,13 @@ def main(argv: list[str]) -> int:
     engines = []
     for name, v in args.variants.items():
         def make(v=v):
-            if v["system"] == "plain":
-                return PlainLLM(m["model"], **kw)
-            return uld_vllm.LLM(m["model"], **uld_kw, **kw)
+            with environment(v["env"]):
+                if v["system"] == "plain":
+                    return PlainLLM(m["model"], **kw)
+                return uld_vllm.LLM(m["model"], **uld_kw, **kw)
 
         log(f"{name} = {v['spec']}: starting the engine")
-        engines.append(start_engine(name, lambda make=make, v=v: started_with(v["env"], make),
-                                    loads, log))
+        engines.append(start_engine(name, make, loads, log))
     # one untimed run of every batch on each engine: first-call costs (allocations, the
     # compiled graph's first shapes) stay out of the first timed repeat
     for e in engines:

@@ -143,6 +143,36 @@ def kv_cache_gib(facts: dict, dtype: str, tokens: int) -> int:
     return max(1, math.ceil(1.15 * tokens * per_token / 2**30))
 
 
+def offline_setup(args, log=print) -> tuple[Path, dict, list[float], dict, dict]:
+    """The first steps of a benchmark that runs offline engines in this process (throughput,
+    ab): the ``--out`` folder, the worker's cores (``bind_cpu``) with this process moved off
+    them, the load average before anything starts, the model and adapter, and their facts."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bind = bind_cpu(args.threads)
+    pin_frontend(bind)
+    load_before = load_average()
+    m = resolve_model(args, log=log)
+    facts = model_facts(m["model"], m["adapter"], alpha=args.uld_alpha,
+                        filter_ratio=args.uld_filter_ratio)
+    return out, bind, load_before, m, facts
+
+
+def set_kv_cache(args, facts: dict, tokens: int) -> tuple[int, str]:
+    """``VLLM_CPU_KVCACHE_SPACE`` (GiB) for every engine of one benchmark run, and where it came
+    from: ``--kv-cache-gib``, else the environment's, else sized for ``tokens`` tokens at once
+    in the ULD engine. Set in this process's environment, where the engines read it."""
+    if args.kv_cache_gib is not None:
+        kv = (args.kv_cache_gib, "--kv-cache-gib")
+    elif os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        kv = (int(os.environ["VLLM_CPU_KVCACHE_SPACE"]), "VLLM_CPU_KVCACHE_SPACE")
+    else:
+        kv = (kv_cache_gib(facts, args.dtype, tokens),
+              f"sized for {tokens} tokens at once in the ULD engine")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv[0])
+    return kv
+
+
 def bind_cpu(threads: int) -> dict:
     """Give vLLM's worker (via env, before any engine starts) cores 0..threads-1."""
     allowed = sorted(os.sched_getaffinity(0))

@@ -24,7 +24,6 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 from uld_vllm.bench import common
 from uld_vllm.jobs.spec import shutdown
@@ -244,29 +243,15 @@ def _rate(ids: list[list[int]], times: list[float], batch: int) -> dict:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     log = print
-    bind = common.bind_cpu(args.threads)
-    common.pin_frontend(bind)
-    load_before = common.load_average()
-    m = common.resolve_model(args, log=log)
-    facts = common.model_facts(m["model"], m["adapter"], alpha=args.uld_alpha,
-                               filter_ratio=args.uld_filter_ratio)
+    out, bind, load_before, m, facts = common.offline_setup(args, log)
     loads = make_workloads(args, m["model"], log)
     max_len = max(max(map(len, w["prompts"])) + w["max_tokens"] for w in loads) + 16
     max_seqs = args.max_num_seqs or 256  # vLLM's CPU default for the offline LLM
     # the KV cache holds the longest sequences of the largest batch vLLM runs at once
     need = max(sum(sorted((len(p) + w["max_tokens"] for p in w["prompts"]),
                           reverse=True)[:max_seqs]) for w in loads)
-    if args.kv_cache_gib is not None:
-        kv = (args.kv_cache_gib, "--kv-cache-gib")
-    elif os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        kv = (int(os.environ["VLLM_CPU_KVCACHE_SPACE"]), "VLLM_CPU_KVCACHE_SPACE")
-    else:
-        kv = (common.kv_cache_gib(facts, args.dtype, need),
-              f"sized for {need} tokens at once in the ULD engine")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv[0])
+    kv = common.set_kv_cache(args, facts, need)
     log(f"model {m['model']} ({facts['parameters'] or '?'} parameters), adapter "
         f"{m['adapter']} (K={facts['k']}); {args.dtype}; threads: {bind['vllm']}; KV cache "
         f"{kv[0]} GiB ({kv[1]})")

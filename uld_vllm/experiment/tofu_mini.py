@@ -449,17 +449,11 @@ def _engine_on_every_core(log):
             or "," not in bind:
         yield
         return
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    from uld_vllm.jobs.spec import environment
+
     log(f"eval engine bound to cores {bind} (set VLLM_CPU_OMP_THREADS_BIND to choose)")
-    try:
+    with environment(env):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _num(v) -> str:

@@ -1,4 +1,5 @@
-"""The engine an offline job runs on: its flags, a picklable spec, the ULD mode switch, shutdown.
+"""The engine an offline job runs on: its flags, a picklable spec, the environment it starts
+with, the ULD mode switch, shutdown.
 
 ``EngineSpec`` builds the same engine in this process or in a Ray replica
 (``uld_vllm.jobs.replicas``); ``generate`` and ``eval`` share these flags.
@@ -7,7 +8,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 
 from uld_vllm.errors import UldError
@@ -109,6 +112,24 @@ def set_uld_mode(llm, mode: str) -> None:
     got = llm.collective_rpc("uld_set_mode", args=(mode,))
     if any(g != mode for g in got):
         raise RuntimeError(f"uld_set_mode({mode!r}) answered {got} on the workers")
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    """``env`` in ``os.environ`` inside the block; afterwards, also after an error, every name
+    has its previous value again, or is unset again. vLLM's engine processes copy the
+    environment when they start, so settings given this way reach only the engine started in
+    the block."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
 
 
 def shutdown(llm) -> None:
