@@ -104,3 +104,18 @@ def test_real_demo_smoke(tmp_path, shared_data, smollm2, capsys):
     for side in ("forget", "retain"):
         for name in ("target", "uld"):
             assert all(0 <= v <= 1 for v in s[side][name].values())
+
+
+def test_demo_engines_log_warnings_only_unless_the_user_chose_a_level(monkeypatch):
+    import os
+
+    from uld_vllm.demo.common import quiet_vllm
+
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    with quiet_vllm():
+        assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"
+    assert "VLLM_LOGGING_LEVEL" not in os.environ
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    with quiet_vllm():
+        assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"

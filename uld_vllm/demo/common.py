@@ -18,14 +18,11 @@ KV_CACHE_BYTES = 1 << 30
 def quiet_vllm():
     """vLLM's engine processes started inside log warnings only (the story stays readable),
     unless the user chose a level; the environment is restored afterwards."""
-    if os.environ.get("VLLM_LOGGING_LEVEL"):
+    from uld_vllm.jobs.spec import environment
+
+    chosen = os.environ.get("VLLM_LOGGING_LEVEL")
+    with environment({} if chosen else {"VLLM_LOGGING_LEVEL": "WARNING"}):
         yield
-        return
-    os.environ["VLLM_LOGGING_LEVEL"] = "WARNING"
-    try:
-        yield
-    finally:
-        os.environ.pop("VLLM_LOGGING_LEVEL", None)
 
 
 def clear_outputs(work: Path, names) -> None:
