@@ -163,3 +163,43 @@ def test_a_variants_environment_is_set_only_while_its_engine_starts(monkeypatch)
         with environment({"ULD_TEST_KEPT": "during", "ULD_TEST_NEW": "1"}):
             raise RuntimeError("engine failed to start")
     assert os.environ["ULD_TEST_KEPT"] == "before" and "ULD_TEST_NEW" not in os.environ
+
+
+def test_ab_summarize_takes_the_median_over_engine_pairs():
+    from uld_vllm.bench.ab import summarize
+    from uld_vllm.bench.throughput import _rate
+
+    load = {"name": "decode_b2", "batch": 2, "max_tokens": 4, "repeats": 3}
+    same, other = [[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 3, 4], [5, 6, 7, 9]]
+
+    def pair(a_runs, b_runs, b_out):
+        return {"results": {"a": {"decode_b2": _rate(same, a_runs, 2)},
+                            "b": {"decode_b2": _rate(b_out, b_runs, 2)}},
+                "outputs": {"a": {"decode_b2": same}, "b": {"decode_b2": b_out}}}
+
+    # B at 0.9, 0.5 and 0.8 of A's speed in three pairs: the median pair reads 0.8 (the mean
+    # 0.733 and the pooled medians would not)
+    pairs = [pair([1.0, 1.0, 1.0], [1.1, 1.12, 1.1], same),
+             pair([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], other),
+             pair([1.0, 1.2, 1.0], [1.25, 1.25, 1.25], same)]
+    (row,) = summarize([load], pairs)
+    by_pair = row["b_over_a_by_instance"]
+    assert by_pair == pytest.approx([1 / 1.1, 0.5, 0.8])
+    assert row["b_over_a"] == pytest.approx(0.8)
+    assert row["results"] == {"a": pairs[0]["results"]["a"]["decode_b2"],
+                              "b": pairs[0]["results"]["b"]["decode_b2"]}
+    assert row["paired_b_over_a"] == [round(1 / t, 4) for t in (1.1, 1.12, 1.1)] \
+        + [0.5] * 3 + [0.8, 0.96, 0.8]
+    assert row["greedy_same"] == pytest.approx(5 / 6)  # one of the six prompts differs
+    (single,) = summarize([load], pairs[:1])  # one pair: its ratio of the medians
+    assert single["b_over_a"] == pytest.approx(1 / 1.1)
+    assert single["b_over_a_by_instance"] == [single["b_over_a"]]
+
+
+def test_ab_refuses_zero_instances(capsys):
+    from uld_vllm.bench.ab import parse_args
+
+    assert parse_args([]).instances == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--instances", "0"])
+    assert "--instances must be >= 1" in capsys.readouterr().err

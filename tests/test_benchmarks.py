@@ -209,14 +209,21 @@ def test_ab_smoke_each_variant_runs_with_its_own_environment(tmp_path):
 def test_ab_smoke_plain_against_itself(tmp_path, workdir):
     out = tmp_path / "out"
     r = run(["benchmarks/ab.py", *TINY, "--workdir", str(workdir), "--batches", "2",
-             "--new-tokens", "4", "--repeats", "1", "--a", "plain", "--b", "plain",
-             "--out", str(out)], 600, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+             "--new-tokens", "4", "--repeats", "2", "--instances", "2", "--a", "plain",
+             "--b", "plain", "--out", str(out)], 600, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((out / "ab.json").read_text())
-    assert rep["variants"]["a"]["combiner"] is None and rep["variants"]["b"]["combiner"] is None
+    assert rep["instances"] == 2 and r.stdout.count(": starting the engine") == 4
+    for v in rep["variants"].values():
+        assert v["combiner"] is None and len(v["by_instance"]) == 2
+        assert all(positive(p["start_s"]) and p["combiner"] is None for p in v["by_instance"])
     (w,) = rep["workloads"]
-    assert w["greedy_same"] == 1.0 and positive(w["b_over_a"])
-    assert "combine:" not in r.stdout
+    assert w["greedy_same"] == 1.0 and len(w["paired_b_over_a"]) == 4
+    assert len(w["b_over_a_by_instance"]) == 2 and all(map(positive, w["b_over_a_by_instance"]))
+    assert w["b_over_a"] == pytest.approx(sum(w["b_over_a_by_instance"]) / 2)  # median of 2
+    a, b = w["results"]["a"], w["results"]["b"]  # the first pair's
+    assert w["b_over_a_by_instance"][0] == pytest.approx(b["tokens_per_s"] / a["tokens_per_s"])
+    assert "combine:" not in r.stdout and "B/A by engine pair" in r.stdout
 
 
 def test_serving_smoke(tmp_path, workdir):

@@ -7,6 +7,11 @@ and run every repeat of every batch one after the other, the first to go alterna
 the machine's drift and the engine-instance variance of a sequential run land on both; each
 repeat is also reported against its neighbour. ``--a X --b X`` (an A/A run) shows the noise.
 
+What one pair of engines cannot average out is the pair itself: the same code has run up to
+~10 % apart between engine starts on a VM (memory placement, it seems). ``--instances N``
+starts N pairs one after the other, each running every repeat; B / A is then the median of
+the N pairs' ratios, each pair's ratio is reported too, and the paired repeats of all pairs.
+
 The variables reach only the engine they are given for: each vLLM engine runs in its own
 processes, which copy the environment when the engine starts (the combine reads ``ULD_NATIVE``,
 ``ULD_BACKEND`` and ``ULD_SPARSE_HEAD_FRACTION`` there), and this process restores its own
@@ -19,6 +24,7 @@ import argparse
 import os
 import re
 import shlex
+import statistics
 import time
 
 from uld_vllm.bench import common
@@ -65,11 +71,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     w.add_argument("--prompt-tokens", type=int, default=32)
     w.add_argument("--repeats", type=int, default=5,
                    help="timed runs per variant and batch (the median is reported)")
+    w.add_argument("--instances", type=int, default=1,
+                   help="engine pairs started one after the other, each running every "
+                        "repeat (B / A: the median of the pairs' ratios)")
     w.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
     w.add_argument("--no-eager", action="store_true",
                    help="let vLLM compile both engines (default: enforce_eager)")
     a = p.parse_args(argv)
-    for name in ("new_tokens", "prompt_tokens", "repeats"):
+    for name in ("new_tokens", "prompt_tokens", "repeats", "instances"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(a.batches) < 1:
@@ -101,17 +110,51 @@ def main(argv: list[str]) -> int:
         f"{'compiled' if args.no_eager else 'eager'}; threads: {bind['vllm']}; KV cache "
         f"{kv[0]} GiB ({kv[1]})")
 
-    from vllm import LLM as PlainLLM
-    from vllm import SamplingParams
-
-    import uld_vllm
-
     kw = dict(dtype=args.dtype, max_model_len=args.prompt_tokens + args.new_tokens + 16,
               enforce_eager=not args.no_eager, seed=0)
     if args.max_num_seqs:
         kw["max_num_seqs"] = args.max_num_seqs
     uld_kw = dict(uld_adapter=m["adapter"], uld_alpha=args.uld_alpha,
                   uld_filter_ratio=args.uld_filter_ratio)
+    instances = []
+    for i in range(args.instances):
+        if args.instances > 1:
+            log(f"engine pair {i + 1} of {args.instances}")
+        instances.append(_run_pair(args, m, kw, uld_kw, loads, log))
+    rows = summarize(loads, instances)
+    first = instances[0]
+    report = {"benchmark": "ab", "machine": common.machine_info(), "threads": bind,
+              "kv_cache_gib": kv[0], "kv_cache_source": kv[1], "dtype": args.dtype,
+              "compiled": args.no_eager, "model": {**m, **facts},
+              "memory_method": common.PeakRSS.METHOD,
+              "instances": args.instances,
+              # the first pair's engines; every pair's in by_instance
+              "variants": {n: {**v, **first["systems"][n],
+                               "combiner": first["combiners"].get(n),
+                               "by_instance": [{**p["systems"][n],
+                                                "combiner": p["combiners"].get(n)}
+                                               for p in instances]}
+                           for n, v in args.variants.items()},
+              "workloads": rows, "config": {k: v for k, v in vars(args).items()
+                                            if k != "variants"},
+              "load_average": {"before": load_before, "after": common.load_average()},
+              "wall_s": round(time.perf_counter() - t_start, 1)}
+    common.write_json(out / "ab.json", report)
+    from uld_vllm.bench.report import ab_chart, ab_table
+
+    ab_chart(report, out / "ab.png")
+    print(ab_table(report))
+    print(f"wrote {out / 'ab.json'} and {out / 'ab.png'}")
+    return 0
+
+
+def _run_pair(args, m, kw, uld_kw, loads, log) -> dict:
+    """Start A and B, run every workload's repeats on both in turn, stop both."""
+    from vllm import LLM as PlainLLM
+    from vllm import SamplingParams
+
+    import uld_vllm
+
     engines = []
     for name, v in args.variants.items():
         def make(v=v):
@@ -135,34 +178,35 @@ def main(argv: list[str]) -> int:
     combiners = {e["name"]: e["llm"].collective_rpc("uld_combiner_state")[0]
                  for e, v in zip(engines, args.variants.values()) if v["system"] == "uld"}
     systems = {e["name"]: stop_engine(e) for e in engines}
+    return {"results": results, "outputs": outputs, "combiners": combiners, "systems": systems}
 
+
+def summarize(loads: list[dict], instances: list[dict]) -> list[dict]:
+    """One row per workload from every engine pair's results and outputs.
+
+    Per pair, B / A is the ratio of the two medians; over pairs, ``b_over_a`` is the median of
+    those (one pair: that pair's). ``results`` are the first pair's; ``paired_b_over_a`` lists
+    every repeat against its neighbour, pair after pair; ``greedy_same`` counts the prompts of
+    every pair."""
     rows = []
     for w in loads:
-        ra, rb = results["a"][w["name"]], results["b"][w["name"]]
-        oa, ob = outputs["a"][w["name"]], outputs["b"][w["name"]]
+        name = w["name"]
+        by_pair = [{"results": {"a": p["results"]["a"][name], "b": p["results"]["b"][name]}}
+                   for p in instances]
+        for q in by_pair:
+            ra, rb = q["results"]["a"], q["results"]["b"]
+            q["b_over_a"] = rb["tokens_per_s"] / ra["tokens_per_s"]
+            q["paired_b_over_a"] = paired_ratios(rb, ra)
         rows.append({
-            "name": w["name"], "kind": "decode", "batch": w["batch"],
+            "name": name, "kind": "decode", "batch": w["batch"],
             "max_tokens": w["max_tokens"], "repeats": w["repeats"],
-            "results": {"a": ra, "b": rb},
-            "b_over_a": rb["tokens_per_s"] / ra["tokens_per_s"],
-            "paired_b_over_a": paired_ratios(rb, ra),
+            "results": by_pair[0]["results"],
+            "b_over_a": statistics.median(q["b_over_a"] for q in by_pair),
+            "b_over_a_by_instance": [q["b_over_a"] for q in by_pair],
+            "paired_b_over_a": [x for q in by_pair for x in q["paired_b_over_a"]],
             # greedy on both: whether the two variants wrote the same tokens (a code change
             # that should not change the output, e.g. the C combine for the torch one)
-            "greedy_same": common.same_fraction(oa, ob)})
-    report = {"benchmark": "ab", "machine": common.machine_info(), "threads": bind,
-              "kv_cache_gib": kv[0], "kv_cache_source": kv[1], "dtype": args.dtype,
-              "compiled": args.no_eager, "model": {**m, **facts},
-              "memory_method": common.PeakRSS.METHOD,
-              "variants": {n: {**v, **systems[n], "combiner": combiners.get(n)}
-                           for n, v in args.variants.items()},
-              "workloads": rows, "config": {k: v for k, v in vars(args).items()
-                                            if k != "variants"},
-              "load_average": {"before": load_before, "after": common.load_average()},
-              "wall_s": round(time.perf_counter() - t_start, 1)}
-    common.write_json(out / "ab.json", report)
-    from uld_vllm.bench.report import ab_chart, ab_table
-
-    ab_chart(report, out / "ab.png")
-    print(ab_table(report))
-    print(f"wrote {out / 'ab.json'} and {out / 'ab.png'}")
-    return 0
+            "greedy_same": common.same_fraction(
+                [o for p in instances for o in p["outputs"]["a"][name]],
+                [o for p in instances for o in p["outputs"]["b"][name]])})
+    return rows

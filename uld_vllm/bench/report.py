@@ -211,8 +211,12 @@ def ab_table(rep: dict) -> str:
     import statistics
 
     va, vb = rep["variants"]["a"], rep["variants"]["b"]
+    pairs = rep.get("instances", 1)
     headers = ["workload", "A tok/s", "B tok/s", "B/A", "B/A paired median", "paired min-max",
                "same greedy tokens"]
+    if pairs > 1:
+        headers[1:3] = ["A tok/s (pair 1)", "B tok/s (pair 1)"]
+        headers.insert(4, "B/A by engine pair")
     rows = []
     for w in rep["workloads"]:
         r, paired = w["results"], w["paired_b_over_a"]
@@ -220,6 +224,8 @@ def ab_table(rep: dict) -> str:
                      f"{r['b']['tokens_per_s']:.1f}", f"{w['b_over_a']:.3f}",
                      f"{statistics.median(paired):.3f}",
                      f"{min(paired):.3f}-{max(paired):.3f}", f"{w['greedy_same']:.0%}"])
+        if pairs > 1:
+            rows[-1].insert(4, " ".join(f"{x:.3f}" for x in w["b_over_a_by_instance"]))
     la = rep["load_average"]
     return "\n".join([
         "",
@@ -231,7 +237,9 @@ def ab_table(rep: dict) -> str:
         f"{vb['peak_rss_mib']:.0f} MiB)",
         f"both alive, taking turns (the first alternating), median of "
         f"{rep['workloads'][0]['repeats']} runs each; paired: each B run against the A run "
-        f"beside it",
+        f"beside it"
+        + (f"; {pairs} engine pairs one after the other, B/A the median of their ratios"
+           if pairs > 1 else ""),
         "",
         table(headers, rows),
         "",
@@ -250,8 +258,13 @@ def ab_chart(rep: dict, path: Path) -> None:
         paired = w["paired_b_over_a"]
         ax.scatter([i] * len(paired), paired, color=COLORS["uld"], s=18, zorder=3,
                    label="one repeat against its neighbour" if i == 0 else None)
+        by_pair = w.get("b_over_a_by_instance", [])
+        if len(by_pair) > 1:
+            ax.scatter([i + 0.15] * len(by_pair), by_pair, color=COLORS["plain"], marker="D",
+                       s=22, zorder=3, label="one engine pair" if i == 0 else None)
         ax.hlines(w["b_over_a"], i - 0.3, i + 0.3, color=COLORS["plain"], lw=2,
-                  label="ratio of the medians" if i == 0 else None)
+                  label=("ratio of the medians" if len(by_pair) < 2
+                         else "median of the pairs' ratios") if i == 0 else None)
         ax.text(i + 0.32, w["b_over_a"], f"{w['b_over_a']:.3f}", va="center", fontsize=8)
     ax.axhline(1.0, color="#999999", lw=0.8, ls="--")
     ax.set_xticks(range(len(loads)), [workload_label(w) for w in loads], fontsize=8)
