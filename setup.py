@@ -53,7 +53,7 @@ setup(
     },
     # csrc: the C sources uld_vllm.core.native builds on first use
     package_data={"uld_vllm.demo": ["data/*.jsonl", "data/*.md"],
-                  "uld_vllm.core": ["csrc/*.c"]},
+                  "uld_vllm.core": ["csrc/*.c", "csrc/*.h"]},
     entry_points={
         "console_scripts": ["uld-vllm = uld_vllm.cli.main:main"],
         "vllm.general_plugins": ["uld = uld_vllm.engine.plugin:register"],

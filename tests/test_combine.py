@@ -118,58 +118,118 @@ def test_head_at_requested_pairs(dtype, tol):
                                **tol)
 
 
+def integer_head(V, H, n, dtype, seed):
+    """Small integers: every dot product is exact in float32, so the C head and torch's GEMM
+    (then one rounding to the head's dtype) agree bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randint(-3, 4, (V, H), generator=g).to(dtype)
+    h_a = torch.randint(-2, 3, (n, H), generator=g).to(dtype)
+    return W, h_a
+
+
+def confident_logits(n, V, seed, dtype=torch.float32):
+    """Peaky rows (the filter keeps exactly their top k) with bf16 ties at the k-th place."""
+    W, h_t, _ = head(V=V, scale=3.0, seed=seed)
+    return (h_t[:n] @ W.T).bfloat16().to(dtype)
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
 @pytest.mark.parametrize("mode", ["generate", "score"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [7, 1])
-def test_top_k_rows_c_finish_equals_the_torch_ops(monkeypatch, mode, dtype, rows):
-    # the C selection, kept-token head and scatter (uld_vllm.core.native) against the torch
-    # code they replace: the selection and scatter bit for bit (given the torch head's values),
-    # the whole within the C head's rounding
-    W, h_t, h_a = head(scale=3.0)
-    W, h_t, h_a = W.to(dtype), h_t[:rows].to(dtype), h_a[:rows].to(dtype)
-    lt = (h_t @ W.T).bfloat16().float()  # few distinct values: ties at the k-th place
-    c_head_calls = []
-    real_c_head = combine._head_at_c
-
-    def torch_head(lib, weight, h, top):
-        c_head_calls.append(1)
-        return _head_at(weight, h, top.cols, top.rows)
-
-    got = {}
-    for key, flag, c_head in (("C", "1", real_c_head), ("C, torch head", "1", torch_head),
-                              ("torch", "0", real_c_head)):
-        monkeypatch.setenv("ULD_NATIVE", flag)
-        monkeypatch.setattr(combine, "_head_at_c", c_head)
-        c = combiner(mode)
-        got[key] = c._top_k_rows(lt, W, h_a)
-        assert got[key] is not None
-        assert c.stats["c_finish"] == (flag == "1")
-    assert c_head_calls == [1]
-    assert torch.equal(got["C, torch head"], got["torch"])
-    close(got["C"], got["torch"])
+def test_sparse_combine_c_equals_the_torch_ops(use_c_build, monkeypatch, build, mode,
+                                               head_dtype, logits_dtype, rows):
+    # the one C call against the torch code it replaces, bit for bit where the head's dot
+    # products are exact (integers), within the C head's rounding otherwise
+    lib = use_c_build(build)
+    lt = confident_logits(rows, 1271, seed=rows, dtype=logits_dtype)
+    k = int(0.01 * 1271)
+    for W, h_a, same in ((*integer_head(1271, 67, rows, head_dtype, seed=5), torch.equal),
+                         (head(scale=3.0)[0].to(head_dtype),
+                          head(scale=3.0)[2][:rows].to(head_dtype), close)):
+        got, kth, row_max = combine._sparse_combine_c(lib, lt, W, h_a, k, 0.01, 0.8, mode)
+        assert got is not None and kth is None and row_max is None
+        monkeypatch.setenv("ULD_NATIVE", "0")
+        want = combiner(mode)._top_k_rows(lt.float(), W, h_a, 0.8, mode)
+        monkeypatch.setenv("ULD_NATIVE", "1")
+        assert got.dtype == torch.float32 and want is not None
+        same(got, want)
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H", [576, 64, 67, 13])  # whole vectors, and tails of every kind
-def test_head_at_c_is_each_entrys_dot_product(use_c_build, build, dtype, H):
+def test_sparse_combine_c_head_is_each_kept_entrys_dot_product(use_c_build, build, dtype, H):
     lib = use_c_build(build)
     g = torch.Generator().manual_seed(H)
-    V = 3001
+    V, n, k = 3001, 4, 30
     W = torch.randn(V, H, generator=g).to(dtype)
-    h = torch.randn(4, H, generator=g)
-    # rows keeping different numbers of tokens (one keeps none), columns in no order, repeats
-    counts = torch.tensor([5, 0, 40, 1])
-    rows = torch.repeat_interleave(torch.arange(4), counts)
-    cols = torch.randint(0, V, (int(counts.sum()),), generator=g)
-    top = SimpleNamespace(rows=rows, cols=cols)
-    got = combine._head_at_c(lib, W, h, top)
-    assert got.dtype == torch.float32 and got.shape == (int(counts.sum()),)
-    # exact products of the values the head sees (h in the head's dtype), summed in float64
-    want = (h.to(dtype).double() @ W.double().T)[rows, cols]
+    h_a = torch.randn(n, H, generator=g).to(dtype)
+    # per row one logit far above k - 1 zeros (kept: the ties with the k-th) and the rest far
+    # below; with alpha 1 a zero's ULD logit is minus the assistant's logit, exactly
+    lt = torch.full((n, V), -100.0)
+    cols = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(n)])
+    lt.scatter_(1, cols, 0.0)
+    lt[torch.arange(n), cols[:, 0]] = 10.0
+    out, _, _ = combine._sparse_combine_c(lib, lt, W, h_a, k, 0.01, 1.0, "generate")
+    assert out is not None
+    assert torch.equal(torch.isfinite(out), lt > -100)
+    got = -out.gather(1, cols[:, 1:])
+    want = (h_a.double() @ W.double().T).gather(1, cols[:, 1:])
     if dtype == torch.bfloat16:
         # bf16 values, as the head's bf16 GEMM returns: within one bf16 rounding of the sum
         assert torch.equal(got.bfloat16().float(), got)
         torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-6)
     else:
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_combine_c_declines_a_batch_with_a_row_keeping_more(use_c_build):
+    lib = use_c_build("native")
+    W, h_t, h_a = head(scale=3.0, seed=2)
+    lt = h_t @ W.T
+    lt[3] = lt[3] * 0.001              # a flat row among confident ones
+    lt[5, 6:] = float("-inf")          # fewer than k finite logits: -inf k-th value
+    k = int(0.01 * 1271)
+    for rows in ([3], [5], [0, 1, 2, 3, 4, 5, 6]):
+        out, kth, row_max = combine._sparse_combine_c(lib, lt[rows], W, h_a[rows], k, 0.01, 0.8,
+                                                      "generate")
+        top = top_k_with_ties(lt[rows], k)
+        assert out is None
+        assert torch.equal(kth, top.kth) and torch.equal(row_max, top.row_max)
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+
+@pytest.mark.parametrize("native_flag", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("flat_row", [False, True])
+def test_combine_equals_uld_logits_on_every_path(monkeypatch, native_flag, dtype, flat_row):
+    # the whole combine step: the one C call on confident rows; with a flat row among them, the
+    # mask from the C call's bounds and the general path; the torch code without the C library
+    monkeypatch.setenv("ULD_NATIVE", native_flag)
+    monkeypatch.setattr(combine, "_plain_head", lambda logits_processor, lm_head: True)
+    W, h_t, h_a = head(scale=3.0, seed=3)
+    W, h_t, h_a = W.to(dtype), h_t.to(dtype), h_a.to(dtype)
+    if flat_row:
+        h_t[2] = h_t[2] * 0.001
+
+    def logits_processor(lm_head, h):
+        return h @ lm_head.weight.T
+
+    c = combiner("generate", frac=0.05)
+    got = c(logits_processor, _Head(W), h_t, h_a)
+    want = uld_logits((h_t @ W.T).float(), (h_a @ W.T).float(), alpha=0.8, filter_ratio=0.01,
+                      mode="generate")
+    # the assistant's bf16 logits: the C head's and the GEMM's may differ by one rounding
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = ~torch.isinf(want)
+    tol = dict(atol=0.1, rtol=0.02) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got[fin], want[fin], **tol)
+    assert c.stats["c_finish"] == int(native_flag == "1" and not flat_row)
+    assert c.stats["sparse"] + c.stats["dense"] == 1

@@ -1,12 +1,13 @@
 """C helpers for the CPU hot path, built on first use with the system's C compiler.
 
-The sources live in ``csrc/`` beside this module, one op each, built into one library. Each is
-plain C with no torch headers: the library builds in about a second and loads through
-``ctypes``, where a torch C++ extension takes minutes to compile on a small machine. The library
-is built with ``-march=native`` for the CPU it runs on, so the cache key holds the CPU's flags
-with the source and the compiler; it lives in ``$ULD_VLLM_HOME/native`` (default
-``~/.cache/uld-vllm/native``), written atomically so that processes starting together can share
-it.
+The sources live in ``csrc/`` beside this module, one op each (``topk_ties.c``: the filter's
+top k; ``sparse_combine.c``: the combine of a confident batch; ``uld_native.h``: what they
+share), built into one library. Each is plain C with no torch headers: the library builds in
+about a second and loads through ``ctypes``, where a torch C++ extension takes minutes to
+compile on a small machine. The library is built with ``-march=native`` for the CPU it runs
+on, so the cache key holds the CPU's flags with the source and the compiler; it lives in
+``$ULD_VLLM_HOME/native`` (default ``~/.cache/uld-vllm/native``), written atomically so that
+processes starting together can share it.
 
 Without a working compiler the callers fall back to their torch code, and one warning says
 so. ``ULD_NATIVE=0`` turns the library off (the torch code runs; for A/B measurements and as
@@ -28,8 +29,9 @@ from pathlib import Path
 from uld_vllm.core.models import cache_root
 
 _log = logging.getLogger("uld_vllm")
-_SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("topk_ties.c", "head_at.c", "scatter_kept.c")]
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / name for name in ("topk_ties.c", "sparse_combine.c")]
+_HEADERS = [_CSRC / "uld_native.h"]
 # no floating-point contraction: a - b * c rounds twice, as torch computes it
 _FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
 # -march=native first (AVX-512 compress on CPUs that have it); some compilers and
@@ -76,7 +78,7 @@ def _load():
     if cc is None:
         return None, "no C compiler found (cc, gcc; CC unset)"
     cc_cmd = shlex.split(cc)  # CC may carry a launcher or flags ("ccache gcc")
-    src = b"\0".join(p.read_bytes() for p in _SOURCES)
+    src = b"\0".join(p.read_bytes() for p in _SOURCES + _HEADERS)
     key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(_FLAGS).encode(),
                                      platform.machine().encode(), _cpu_flags().encode()]))
     out_dir = cache_root() / "native"
@@ -116,11 +118,10 @@ def _load():
     fn.restype = ctypes.c_int64
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_int64] + [ctypes.c_void_p] * 6
-    for fn in (lib.uld_head_at_bf16, lib.uld_head_at_f32):
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
-    fn = lib.uld_scatter_kept_f32
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                   ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_float]
+    fn = lib.uld_sparse_combine
+    fn.restype = ctypes.c_int64
+    fn.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 3
+                   + [ctypes.c_float] + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                         ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+                   + [ctypes.c_void_p] * 2)
     return lib, how

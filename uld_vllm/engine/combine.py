@@ -14,11 +14,13 @@ Two ways to get there, same result (``uld_logits`` semantics):
   (on average ``<= sparse_fraction * V`` per row: ``sparse_head_fraction`` in
   ``additional_config["uld"]``, default 0.05; 1 forces it, 0 disables it); flat
   distributions (e.g. a randomly initialised model) keep most of the vocabulary, and then the
-  dense GEMM is cheaper. On CPU the filter's top k, the assistant's logits at the kept
-  entries (a dot product each, reading the head rows in place: no gather, no union) and the
-  final scatter run as C functions (``uld_vllm.core.native``; the torch code where no C
-  compiler is found or ``ULD_NATIVE=0``): the same selection and scatter bit for bit, the
-  assistant's logits within one rounding of the torch GEMM's.
+  dense GEMM is cheaper. On CPU the filter's top k, the check that each row keeps exactly
+  those, the assistant's logits at the kept entries (a dot product each, reading the head rows
+  in place: no gather, no union) and the ULD rows are one C call (``_sparse_combine_c``,
+  ``uld_vllm.core.native``; the torch code where no C compiler is found or ``ULD_NATIVE=0``):
+  the same selection and arithmetic bit for bit, the assistant's logits within one rounding
+  of the torch GEMM's. A batch with a row that keeps more than its top k gets the C call's
+  bounds (each row's k-th largest and largest logit) for its mask, and the general path.
 
 The sparse head needs a plain, unsharded LM head (TP 1, no quantisation, no logit scaling or
 soft-capping) and the torch backend; otherwise the dense path runs. The backend is chosen once,
@@ -83,8 +85,8 @@ class UldCombiner:
                                "unset it or give a fraction in [0, 1]") from None
             frac_from = "ULD_SPARSE_HEAD_FRACTION override"
         self.sparse_fraction = sparse_fraction
-        # c_finish: sparse steps whose selection, kept-token head and scatter ran in C
-        # (uld_vllm.core.native)
+        self._plain_head_of, self._plain_head_ok = None, False
+        # c_finish: sparse steps that ran as one C call (_sparse_combine_c)
         self.stats = {"dense": 0, "sparse": 0, "target": 0, "per_request": 0, "c_finish": 0}
         # built (or found in the cache) here, at engine start, rather than in the first step
         selection = "torch"
@@ -144,17 +146,32 @@ class UldCombiner:
         # the sparse paths are torch code with host syncs (nonzero, .all()): CPU only; on CUDA
         # the fused kernel filters and combines the dense logits in one pass instead
         if (self.backend == "torch" and self.filter_ratio > 0
-                and _plain_head(logits_processor, lm_head)):
-            l_t = logits_processor(lm_head, h_t).float()
-            top = self._kept_top_k(l_t)
-            if top is None:
-                keep = plausibility_mask(l_t, self.filter_ratio)
-            else:
-                out = self._top_k_rows(l_t, lm_head.weight, h_a, alpha, mode, top=top)
+                and self._plain_head(logits_processor, lm_head)):
+            l_t = logits_processor(lm_head, h_t)
+            k = self._filter_k(l_t.shape[1])
+            lib = native.library() if k is not None and l_t.device.type == "cpu" else None
+            if (lib is not None and l_t.dtype in _C_DTYPES
+                    and lm_head.weight.dtype in _C_DTYPES):
+                out, kth, row_max = _sparse_combine_c(lib, l_t, lm_head.weight, h_a, k,
+                                                      self.filter_ratio, alpha, mode)
                 if out is not None:
                     self.stats["sparse"] += 1
+                    self.stats["c_finish"] += 1
                     return out
-                keep = _mask_from_top_k(l_t, top, self.filter_ratio)
+                l_t = l_t.float()
+                keep = keep_from_threshold(
+                    l_t, plausibility_threshold(kth, row_max, self.filter_ratio))
+            else:
+                l_t = l_t.float()
+                top = None if k is None else top_k_with_ties(l_t, k)
+                if top is None:
+                    keep = plausibility_mask(l_t, self.filter_ratio)
+                else:
+                    out = self._top_k_rows(l_t, lm_head.weight, h_a, alpha, mode, top=top)
+                    if out is not None:
+                        self.stats["sparse"] += 1
+                        return out
+                    keep = _mask_from_top_k(l_t, top, self.filter_ratio)
             # cost model: dense = one GEMM over n rows x V; sparse = a gather of the union's
             # head rows (memory-bound) plus a GEMM over the union, which rows of a flat
             # distribution no longer share
@@ -174,14 +191,28 @@ class UldCombiner:
         return _dense_uld(self.backend, logits[:n], logits[n:], alpha=alpha,
                           filter_ratio=self.filter_ratio, mode=mode)
 
-    def _kept_top_k(self, l_t: torch.Tensor) -> TopKWithTies | None:
-        """Each row's top k with the values tied with the k-th (k: the filter's floor), or
-        None when the sparse head is off or would not pay (k above its fraction of V)."""
-        V = l_t.shape[1]
+    def _filter_k(self, V: int) -> int | None:
+        """The filter's floor k (it keeps at least the k largest logits of a row), or None
+        when the sparse head is off or would not pay (k above its fraction of V)."""
         k = max(1, math.floor(self.filter_ratio * V))
         if k >= V or k > self.sparse_fraction * V:
             return None
-        return top_k_with_ties(l_t, k)
+        return k
+
+    def _kept_top_k(self, l_t: torch.Tensor) -> TopKWithTies | None:
+        """Each row's top k with the values tied with the k-th (k: ``_filter_k``), or None
+        when the sparse head is off or would not pay."""
+        k = self._filter_k(l_t.shape[1])
+        return None if k is None else top_k_with_ties(l_t, k)
+
+    def _plain_head(self, logits_processor, lm_head) -> bool:
+        """``_plain_head`` of this engine's head, checked once: the modules are the engine's
+        own, fixed once it has loaded, and the checks cost ~30 us a step on CPU."""
+        key = (id(logits_processor), id(lm_head))
+        if self._plain_head_of != key:
+            self._plain_head_ok = _plain_head(logits_processor, lm_head)
+            self._plain_head_of = key
+        return self._plain_head_ok
 
     def _top_k_rows(self, l_t, weight, h_a, alpha=None, mode=None, top=None):
         """Fast path for confident rows: when every row keeps its top k (and the values tied
@@ -202,11 +233,6 @@ class UldCombiner:
         if not bool(((top.kth <= top.row_max + math.log(self.filter_ratio))
                      & (top.kth > float("-inf"))).all()):
             return None
-        lib = native.library() if l_t.device.type == "cpu" else None
-        if (lib is not None and alpha != 0.0 and l_t.dtype == torch.float32
-                and weight.dtype in _C_HEAD_DTYPES):
-            self.stats["c_finish"] += 1
-            return _scatter_kept(lib, l_t, top, _head_at_c(lib, weight, h_a, top), alpha, mode)
         vals = top.values
         if alpha != 0.0:
             vals = vals - alpha * _head_at(weight, h_a, top.cols, top.rows)
@@ -225,39 +251,43 @@ class UldCombiner:
         return out
 
 
-# head dtypes the C dot products read in place (csrc/head_at.c)
-_C_HEAD_DTYPES = (torch.float32, torch.bfloat16)
+# logits and head dtypes the one-call C combine reads (csrc/sparse_combine.c)
+_C_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _head_at_c(lib, weight: torch.Tensor, h_a: torch.Tensor, top: TopKWithTies) -> torch.Tensor:
-    """``_head_at(weight, h_a, top.cols, top.rows)`` as one C pass (``csrc/head_at.c``): a dot
-    product per kept entry, reading its head row in place, where ``_head_at`` gathers the
-    union's head rows and multiplies all of them with every row. float32 ``[m]``; a bf16
-    head's values are bf16, as its GEMM rounds them, and each is within one rounding of it."""
-    # top's rows/cols are the C selection's own contiguous outputs, as _scatter_kept assumes
-    w = weight.contiguous()
-    h = h_a.to(w.dtype).contiguous()
-    a = torch.empty(top.cols.numel(), dtype=torch.float32)
-    fn = lib.uld_head_at_bf16 if w.dtype == torch.bfloat16 else lib.uld_head_at_f32
-    with torch.profiler.record_function("uld::head_at (C)"):  # profiles see no ctypes call
-        fn(a.data_ptr(), w.data_ptr(), h.data_ptr(), w.shape[1], a.numel(), top.rows.data_ptr(),
-           top.cols.data_ptr())
-    return a
+def _sparse_combine_c(lib, l_t: torch.Tensor, weight: torch.Tensor, h_a: torch.Tensor, k: int,
+                      filter_ratio: float, alpha: float, mode: str):
+    """``(out, kth, row_max)`` of ``csrc/sparse_combine.c``: the ULD logits (float32
+    ``[n, V]``) when every row keeps exactly its top k and the ties with the k-th, else
+    ``out`` None; ``kth``/``row_max`` (float32 ``[n, 1]``) are each row's k-th largest and
+    largest logit either way, for the filter's mask. The selection and the values are those
+    of ``_top_k_rows``; the assistant's logit at a kept entry is a dot product with its head
+    row, read in place (bf16 heads: rounded to bf16, as the head's GEMM rounds; within one
+    rounding of the GEMM's value, its sum runs in another order).
 
-
-def _scatter_kept(lib, l_t: torch.Tensor, top: TopKWithTies, la: torch.Tensor,
-                  alpha: float, mode: str) -> torch.Tensor:
-    """The ULD logits of ``_top_k_rows`` from the assistant's logit at each kept entry
-    (float32 ``[m]``, in ``top``'s order), in one C pass (``csrc/scatter_kept.c``): the same
-    values as the torch ops it replaces, bit for bit."""
+    Few torch calls on purpose: at batch 1 the Python around the C cost more than the C
+    itself (each torch call is paid with cold caches after a step that streams the model)."""
     n, V = l_t.shape
-    out = (torch.empty((n, V), dtype=torch.float32) if mode == "generate"
-           else l_t.clone(memory_format=torch.contiguous_format))
-    with torch.profiler.record_function("uld::scatter_kept (C)"):
-        lib.uld_scatter_kept_f32(out.data_ptr(), n, V, int(mode == "generate"),
-                                 top.cols.numel(), top.rows.data_ptr(), top.cols.data_ptr(),
-                                 top.values.data_ptr(), la.data_ptr(), float(alpha))
-    return out
+    x = l_t if l_t.is_contiguous() else l_t.contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    h = h_a if h_a.dtype == w.dtype and h_a.is_contiguous() else h_a.to(w.dtype).contiguous()
+    out = torch.empty((n, V), dtype=torch.float32)
+    bounds = torch.empty((2, n, 1), dtype=torch.float32)  # kth, row_max
+    at = bounds.data_ptr()
+    args = (out.data_ptr(), x.data_ptr(), x.dtype == torch.bfloat16, n, V, k,
+            math.log(filter_ratio), w.data_ptr(), w.dtype == torch.bfloat16, h.data_ptr(),
+            w.shape[1], alpha, mode == "generate", at, at + 4 * n)
+    if torch.autograd.profiler._is_profiler_enabled:  # a named range: profiles see no C call
+        with torch.profiler.record_function("uld::sparse_combine (C)"):
+            status = lib.uld_sparse_combine(*args)
+    else:
+        status = lib.uld_sparse_combine(*args)
+    if status < 0:
+        raise MemoryError("the C combine could not allocate its scratch buffers (a few V-sized "
+                          "arrays); free memory, or set ULD_NATIVE=0 to run the torch code")
+    if status == 0:
+        return out, None, None
+    return None, bounds[0], bounds[1]
 
 
 def _mask_from_top_k(l_t: torch.Tensor, top: TopKWithTies, filter_ratio: float) -> torch.Tensor:

@@ -46,6 +46,6 @@ def model_summary(model) -> dict:
 
 def combiner_stats(model) -> dict:
     """How many compute_logits calls took the dense and the sparse assistant-head path (and
-    of the sparse ones, how many ran the C selection, kept-token head and scatter:
+    of the sparse ones, how many ran as one C call, ``csrc/sparse_combine.c``:
     ``c_finish``)."""
     return dict(model.uld_combiner.stats)

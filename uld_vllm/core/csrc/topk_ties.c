@@ -12,13 +12,14 @@
  * loads through ctypes (uld_vllm/core/native.py). NaN is not supported (vLLM's logits have
  * none); -inf is: a row with fewer than k finite values has a k-th value of -inf and lists
  * its whole row, as (x >= kth) does. */
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+#include "uld_native.h"
 
 /* floats as int32 keys in the same order (NaN aside): bisection over keys finds a value */
 static inline int32_t key_of(float f)
@@ -96,6 +97,27 @@ static int64_t collect(const float *row, int64_t V, float bound, float *cv, int3
     return c;
 }
 
+int64_t uld_row_top_k(const float *row, int64_t V, int64_t k, float *gm, float *cv,
+                      int32_t *ci, float *kth, float *row_max)
+{
+    const int64_t G = 4 * k;
+    const int64_t s = V / G; /* values per group; s < 2: no bound, the whole row is searched */
+    float bound = -INFINITY, mx = -INFINITY;
+    if (s >= 2) {
+        group_maxima(row, G, s, gm);
+        for (int64_t g = 0; g < G; g++) mx = gm[g] > mx ? gm[g] : mx;
+        for (int64_t i = s * G; i < V; i++) mx = row[i] > mx ? row[i] : mx;
+        /* k distinct entries are >= the k-th largest group maximum: a lower bound */
+        bound = kth_largest(gm, G, k);
+    } else {
+        for (int64_t i = 0; i < V; i++) mx = row[i] > mx ? row[i] : mx;
+    }
+    int64_t c = collect(row, V, bound, cv, ci);
+    *kth = kth_largest(cv, c, k);
+    *row_max = mx;
+    return c;
+}
+
 /* x: [n, V] row-major; 1 <= k < V < 2^31. Outputs per row: kth[n], row_max[n], counts[n];
  * per listed entry, row-major and in column order within a row: rows, cols, vals (room for
  * `capacity` entries). Returns the number of entries, which may exceed `capacity`: then
@@ -105,29 +127,14 @@ int64_t uld_top_k_with_ties_f32(const float *x, int64_t n, int64_t V, int64_t k,
                                 int64_t capacity, float *kth, float *row_max, int64_t *counts,
                                 int64_t *rows, int64_t *cols, float *vals)
 {
-    const int64_t G = 4 * k;
-    const int64_t s = V / G; /* values per group; s < 2: no bound, the whole row is searched */
-    float *gm = malloc((size_t)(G > 0 ? G : 1) * sizeof(float));
+    float *gm = malloc((size_t)(4 * k) * sizeof(float));
     float *cv = malloc((size_t)V * sizeof(float));
     int32_t *ci = malloc((size_t)V * sizeof(int32_t));
     if (!gm || !cv || !ci) { free(gm); free(cv); free(ci); return -1; }
     int64_t total = 0;
     for (int64_t r = 0; r < n; r++) {
-        const float *row = x + r * V;
-        float bound = -INFINITY, mx = -INFINITY;
-        if (s >= 2) {
-            group_maxima(row, G, s, gm);
-            for (int64_t g = 0; g < G; g++) mx = gm[g] > mx ? gm[g] : mx;
-            for (int64_t i = s * G; i < V; i++) mx = row[i] > mx ? row[i] : mx;
-            /* k distinct entries are >= the k-th largest group maximum: a lower bound */
-            bound = kth_largest(gm, G, k);
-        } else {
-            for (int64_t i = 0; i < V; i++) mx = row[i] > mx ? row[i] : mx;
-        }
-        int64_t c = collect(row, V, bound, cv, ci);
-        float kv = kth_largest(cv, c, k);
-        kth[r] = kv;
-        row_max[r] = mx;
+        int64_t c = uld_row_top_k(x + r * V, V, k, gm, cv, ci, &kth[r], &row_max[r]);
+        const float kv = kth[r];
         int64_t cnt = 0;
         for (int64_t j = 0; j < c; j++) {
             if (cv[j] < kv) continue;
