@@ -128,6 +128,8 @@ def test_ab_variant_is_a_system_then_environment_variables():
     ("uld ULD_NATIVE", ["'ULD_NATIVE' is not NAME=VALUE"]),
     ("uld 1X=2", ["'1X=2' is not NAME=VALUE"]),
     ("uld X='0", ["cannot be split into words", "close its quotes"]),
+    ("uld PYTHONPATH=/src/other", ["PYTHONPATH would not reach the engine", "forks"]),
+    ("uld LD_PRELOAD=libtcmalloc.so", ["LD_PRELOAD would not reach the engine"]),
 ])
 def test_ab_refuses_a_malformed_variant_in_one_line(spec, words, capsys):
     from uld_vllm.bench.ab import parse_args

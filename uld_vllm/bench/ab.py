@@ -15,7 +15,9 @@ the N pairs' ratios, each pair's ratio is reported too, and the paired repeats o
 The variables reach only the engine they are given for: each vLLM engine runs in its own
 processes, which copy the environment when the engine starts (the combine reads ``ULD_NATIVE``,
 ``ULD_BACKEND`` and ``ULD_SPARSE_HEAD_FRACTION`` there), and this process restores its own
-right after. Writes ``ab.json`` and ``ab.png`` to ``--out`` and prints a table.
+right after. Variables read only when a process starts (``PYTHONPATH``, ``LD_PRELOAD``, ...)
+are refused: the engines' processes are forked from this one and would not see them. Writes
+``ab.json`` and ``ab.png`` to ``--out`` and prints a table.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from uld_vllm.jobs.spec import environment
 
 SYSTEMS = ("plain", "uld")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# read when a process starts its interpreter or loader: vLLM forks its engine processes by
+# default, and a forked process keeps this one's imports and libraries, so such a variable
+# would silently not apply (an A/B of two code versions by PYTHONPATH measured A against A)
+_STARTUP_ONLY = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "LD_PRELOAD", "LD_LIBRARY_PATH")
 
 
 def parse_variant(text: str, flag: str) -> dict:
@@ -52,6 +58,13 @@ def parse_variant(text: str, flag: str) -> dict:
         if not eq or not _ENV_NAME.fullmatch(name):
             raise UldError(f"{flag} {text!r}: {word!r} is not NAME=VALUE",
                            "give environment variables as NAME=VALUE after the system")
+        if name in _STARTUP_ONLY:
+            raise UldError(f"{flag} {text!r}: {name} would not reach the engine (vLLM forks "
+                           "its engine processes from this one, which has already imported "
+                           "and loaded what it names)",
+                           f"set {name} for the whole command and run each version as its "
+                           "own command, or switch the two versions by a variable read at "
+                           "run time")
         env[name] = value
     return {"spec": text, "system": words[0], "env": env}
 
