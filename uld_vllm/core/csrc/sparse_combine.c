@@ -168,7 +168,7 @@ int64_t uld_sparse_combine(float *out, const void *logits, int logits_bf16, int6
             float a;
             if (w_bf16)
                 a = round_to_bf16(dot_bf16((const uint16_t *)W + ci[e] * H,
-                                                   (const uint16_t *)h + r * H, H));
+                                           (const uint16_t *)h + r * H, H));
             else
                 a = dot_f32((const float *)W + ci[e] * H, (const float *)h + r * H, H);
             /* two roundings, as torch's `l - alpha * a` (no contraction in this build) */
