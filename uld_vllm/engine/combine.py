@@ -163,7 +163,7 @@ class UldCombiner:
                     l_t, plausibility_threshold(kth, row_max, self.filter_ratio))
             else:
                 l_t = l_t.float()
-                top = None if k is None else top_k_with_ties(l_t, k)
+                top = self._kept_top_k(l_t)
                 if top is None:
                     keep = plausibility_mask(l_t, self.filter_ratio)
                 else:
