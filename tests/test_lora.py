@@ -1,4 +1,4 @@
-"""The assistant's LoRA delta, added in place into the base projection's output rows."""
+"""The assistant's LoRA delta: the base projection's output plus B (A x), out of place."""
 
 from types import SimpleNamespace
 
@@ -25,7 +25,7 @@ def _vllm_cpu_linear(weight):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("cpu_gemm", [False, True])  # plain weights / vLLM's CPU GEMM
-def test_add_is_base_plus_b_of_a_x_on_the_assistant_rows_only(dtype, tol, rows, cpu_gemm):
+def test_lora_is_base_plus_b_of_a_x_and_leaves_base_alone(dtype, tol, rows, cpu_gemm):
     g = torch.Generator().manual_seed(0)
     wa = torch.randn(6, 23, generator=g).to(dtype)   # [r', in]
     wb = torch.randn(37, 6, generator=g).to(dtype)   # [out, r']
@@ -34,9 +34,11 @@ def test_add_is_base_plus_b_of_a_x_on_the_assistant_rows_only(dtype, tol, rows, 
     else:
         a, b = SimpleNamespace(weight=wa), SimpleNamespace(weight=wb)
     x = torch.randn(rows, 23, generator=g).to(dtype)
-    base = torch.randn(2 * rows, 37, generator=g).to(dtype)  # [target; assistant] rows
-    out = base.clone()
-    LoRALayer._add(SimpleNamespace(_cpu_gemm=cpu_gemm), out[rows:], x, a, b, reduce=False)
-    want = base[rows:].float() + (x.float() @ wa.float().T) @ wb.float().T
-    assert torch.equal(out[:rows], base[:rows])  # the target's rows are untouched
-    torch.testing.assert_close(out[rows:].float(), want, atol=tol * 10, rtol=tol)
+    stacked = torch.randn(2 * rows, 37, generator=g).to(dtype)  # [target; assistant] rows
+    before = stacked.clone()
+    got = LoRALayer._plus(SimpleNamespace(_cpu_gemm=cpu_gemm), stacked[rows:], x, a, b,
+                          reduce=False)
+    want = before[rows:].float() + (x.float() @ wa.float().T) @ wb.float().T
+    assert torch.equal(stacked, before)  # neither stream's base output is written
+    assert got.shape == (rows, 37) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=tol * 10, rtol=tol)

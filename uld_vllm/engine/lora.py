@@ -74,28 +74,34 @@ class LoRALayer(nn.Module):
         # machine has) and drops the plain copy, the LoRA matrices as well as the base ones
         self._cpu_gemm = current_platform.is_cpu()
 
-    def add_qkv(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        self._add(out, x, self.qkv_a, self.qkv_b, reduce=False)
+    def qkv(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._plus(base, x, self.qkv_a, self.qkv_b, reduce=False)
 
-    def add_o(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        self._add(out, x, self.o_a, self.o_b, reduce=self._reduce_rows)
+    def o(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._plus(base, x, self.o_a, self.o_b, reduce=self._reduce_rows)
 
-    def add_gate_up(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        self._add(out, x, self.gate_up_a, self.gate_up_b, reduce=False)
+    def gate_up(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._plus(base, x, self.gate_up_a, self.gate_up_b, reduce=False)
 
-    def add_down(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        self._add(out, x, self.down_a, self.down_b, reduce=self._reduce_rows)
+    def down(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._plus(base, x, self.down_a, self.down_b, reduce=self._reduce_rows)
 
-    def _add(self, out: torch.Tensor, x: torch.Tensor, a: nn.Module, b: nn.Module,
-             reduce: bool) -> None:
-        """``out += B (A x)`` in place, on the (local) weights.
+    def _plus(self, base: torch.Tensor, x: torch.Tensor, a: nn.Module, b: nn.Module,
+              reduce: bool) -> torch.Tensor:
+        """``base + B (A x)``, a new tensor, on the (local) weights.
+
+        Out of place: ``base`` is the assistant's half of a projection the two streams share,
+        and an in-place add into one half of a stacked buffer compiles (inductor, CPU) into
+        elementwise kernels that branch per row and load through masks over the whole buffer;
+        in a SmolLM2 prefill those ran 2-5x slower than the same ops on each half
+        (benchmarks/README.md, run N).
 
         Not through the vLLM modules' ``forward``: at decode sizes its Python layers cost more
         than a rank-r GEMM, and a step makes 32 such deltas at K = 8. On CPU the GEMMs are
         vLLM's (``quant_method.apply``: the repacked oneDNN weight), as for the base layers:
         on a Zen 5 core the engine ran 4 % faster at batch 1 and 1.8 % at batch 32 (SmolLM2,
         fp32, compiled) than with torch's MKL GEMM on the plain weights, and bf16 gains more
-        (benchmarks/README.md); elsewhere one GEMM and one ``addmm_`` on the plain weights."""
+        (benchmarks/README.md); elsewhere one GEMM and one ``addmm``."""
         if self._cpu_gemm:
             h = a.quant_method.apply(a, x)
         else:
@@ -105,9 +111,8 @@ class LoRALayer(nn.Module):
 
             h = tensor_model_parallel_all_reduce(h)
         if self._cpu_gemm:
-            out.add_(b.quant_method.apply(b, h))
-        else:
-            out.addmm_(h, b.weight.t())
+            return base + b.quant_method.apply(b, h)
+        return torch.addmm(base, h, b.weight.t())
 
 
 def read_lora_settings(adapter_dir: str | Path) -> tuple[int, float]:

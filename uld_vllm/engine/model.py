@@ -7,9 +7,11 @@ Layout inside one vLLM model (N target layers, K assistant layers):
   ``uld_layers.{N+i}.attn``. That attention has the same KV spec as the target's, so vLLM puts
   all N+K layers in one KV-cache group: one block table, one slot mapping, one scheduler entry
   per request; prefix caching and chunked prefill work unchanged;
-* for layers ``< K`` the two streams are stacked along the token axis (``[target; assistant]``,
-  ``2T`` rows) so every base weight is read once per step; the LoRA delta goes to the assistant
-  rows only;
+* for layers ``< K`` each base GEMM sees the two streams stacked along the token axis
+  (``[target; assistant]``, ``2T`` rows), so every base weight is read once per step; the LoRA
+  delta goes to the assistant rows only, and the elementwise ops (norms, rotary, activation)
+  run on each stream's own tensor. Layer 0's q/k/v projection is computed once: both streams
+  start from the same embeddings;
 * ``forward`` returns ``[T, 2H]`` (target and assistant final hidden states side by side) so the
   runner's row selection (``hidden_states[logits_indices]``) keeps both streams aligned;
 * ``compute_logits`` runs the shared LM head once on ``[2n, H]`` and returns the ULD
@@ -69,35 +71,52 @@ class UldAssistantLayer(nn.Module):
             prefix=f"{prefix}.attn",
         )
 
-    def forward(self, positions2: torch.Tensor, hs: torch.Tensor, res: torch.Tensor | None,
-                T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``hs``/``res``: ``[2T, H]`` (target rows, then assistant rows)."""
+    def forward(self, positions: torch.Tensor, h_t: torch.Tensor, h_a: torch.Tensor,
+                res_t: torch.Tensor | None, res_a: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``i`` of both streams: ``h_*``/``res_*`` are the target's and the assistant's
+        ``[T, H]`` hidden states and residuals (``res_*`` None at layer 0).
+
+        Only the base GEMMs see the stacked ``[target; assistant]`` rows; every elementwise
+        op runs on one stream's own tensor (see ``LoRALayer._plus`` for why)."""
         base = self._base[0]
         sa, mlp = base.self_attn, base.mlp
-        if res is None:
-            res, x = hs, base.input_layernorm(hs)
+        T = h_t.shape[0]
+        if res_t is None:
+            # layer 0: both streams start from the same embeddings, so the target's q/k/v
+            # projection is the assistant's base one too. The residuals must be two tensors:
+            # vLLM's fused add-norm may update its residual in place (maybe_inplace; its
+            # CUDA kernel does, the CPU path here does not)
+            res_t, res_a = h_t, h_a.clone()
+            x = base.input_layernorm(h_t)
+            qkv_t, _ = sa.qkv_proj(x)
+            qkv_a = self.lora.qkv(qkv_t, x)
         else:
-            x, res = base.input_layernorm(hs, res)
+            x_t, res_t = base.input_layernorm(h_t, res_t)
+            x_a, res_a = base.input_layernorm(h_a, res_a)
+            qkv, _ = sa.qkv_proj(torch.cat([x_t, x_a]))
+            qkv_t, qkv_a = qkv[:T], self.lora.qkv(qkv[T:], x_a)
+        o_t = self._attend(sa.attn, positions, qkv_t)
+        o_a = self._attend(self.attn, positions, qkv_a)
+        out, _ = sa.o_proj(torch.cat([o_t, o_a]))
 
-        qkv, _ = sa.qkv_proj(x)
-        self.lora.add_qkv(qkv[T:], x[T:])
+        x_t, res_t = base.post_attention_layernorm(out[:T], res_t)
+        x_a, res_a = base.post_attention_layernorm(self.lora.o(out[T:], o_a), res_a)
+        gu, _ = mlp.gate_up_proj(torch.cat([x_t, x_a]))
+        act_t = mlp.act_fn(gu[:T])
+        act_a = mlp.act_fn(self.lora.gate_up(gu[T:], x_a))
+        down, _ = mlp.down_proj(torch.cat([act_t, act_a]))
+        return down[:T], self.lora.down(down[T:], act_a), res_t, res_a
+
+    def _attend(self, attn: nn.Module, positions: torch.Tensor,
+                qkv: torch.Tensor) -> torch.Tensor:
+        sa = self._base[0].self_attn
         q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
         if getattr(sa, "qk_norm", False):
             q = sa.q_norm(q.reshape(-1, sa.num_heads, sa.head_dim)).reshape(q.shape)
             k = sa.k_norm(k.reshape(-1, sa.num_kv_heads, sa.head_dim)).reshape(k.shape)
-        q, k = sa.rotary_emb(positions2, q, k)
-        o_t = sa.attn(q[:T], k[:T], v[:T])
-        o_a = self.attn(q[T:], k[T:], v[T:])
-        out, _ = sa.o_proj(torch.cat([o_t, o_a]))
-        self.lora.add_o(out[T:], o_a)
-
-        x, res = base.post_attention_layernorm(out, res)
-        gu, _ = mlp.gate_up_proj(x)
-        self.lora.add_gate_up(gu[T:], x[T:])
-        act = mlp.act_fn(gu)
-        down, _ = mlp.down_proj(act)
-        self.lora.add_down(down[T:], act[T:])
-        return down, res
+        q, k = sa.rotary_emb(positions, q, k)
+        return attn(q, k, v)
 
 
 def _compiled(cls):
@@ -129,16 +148,14 @@ class UldForward(nn.Module):
         owner = self._owner[0]
         m = owner.model
         h = inputs_embeds if inputs_embeds is not None else m.embed_input_ids(input_ids)
-        T = h.shape[0]
-        hs, res = torch.cat([h, h]), None
-        positions2 = torch.cat([positions, positions])
+        h_t, h_a, r_t, r_a = h, h, None, None
         for layer in owner.uld_layers.values():
-            hs, res = layer(positions2, hs, res, T)
-        h_t, r_t = hs[:T], res[:T]
+            h_t, h_a, r_t, r_a = layer(positions, h_t, h_a, r_t, r_a)
         for layer in m.layers[owner.uld_num_layers:]:
             h_t, r_t = layer(positions, h_t, r_t)
-        normed, _ = m.norm(torch.cat([h_t, hs[T:]]), torch.cat([r_t, res[T:]]))
-        return torch.cat([normed[:T], normed[T:]], dim=-1)
+        normed_t, _ = m.norm(h_t, r_t)
+        normed_a, _ = m.norm(h_a, r_a)
+        return torch.cat([normed_t, normed_a], dim=-1)
 
 
 class UldCausalLMMixin:
