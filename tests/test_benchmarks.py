@@ -316,6 +316,45 @@ def test_profile_step_run_and_compare(tmp_path, tiny_llama, llama_adapter):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_profile_step_prefill_by_shapes(tmp_path, tiny_llama, llama_adapter):
+    common = ["--model", str(tiny_llama), "--batch", "3", "--prompt-tokens", "7",
+              "--step", "prefill", "--shapes"]
+    for system, extra in (("plain", []), ("uld", ["--uld-adapter", str(llama_adapter)])):
+        r = run(["benchmarks/profile_step.py", "run", "--system", system, *common, *extra,
+                 "--out", str(tmp_path / f"{system}.json")], 300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "per prefill step" in r.stdout
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    uld = json.loads((tmp_path / "uld.json").read_text())
+    assert (plain["step"], uld["step"], uld["shapes"]) == ("prefill", "prefill", True)
+
+    def calls(rep, op):
+        return sum(c for key, (_, c) in rep["ops"].items() if key.startswith(op + " "))
+
+    # one prefill forward: an attention call per layer, N for plain and N + K for ULD, and
+    # every op keyed by its input shapes (the prompts' 3 x 7 = 21 token rows)
+    attn = "vllm::unified_attention_with_output"
+    n_layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
+    k = json.loads((llama_adapter / "uld_config.json").read_text())["num_layers"]
+    assert (calls(plain, attn), calls(uld, attn)) == (n_layers, n_layers + k)
+    assert any(key.startswith(attn + " [[21,") for key in uld["ops"])
+    r = run(["benchmarks/profile_step.py", "compare", str(tmp_path / "plain.json"),
+             str(tmp_path / "uld.json"), "--top", "3"], 60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("| op (self CPU ms per prefill step) | plain | uld |")
+    # a decode profile beside a prefill one: refused in one line
+    (tmp_path / "decode.json").write_text(json.dumps({**uld, "step": "decode",
+                                                      "shapes": False}))
+    r = run(["benchmarks/profile_step.py", "compare", str(tmp_path / "plain.json"),
+             str(tmp_path / "decode.json")], 60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "one kind of step" in r.stderr
+    r = run(["benchmarks/profile_step.py", "run", "--system", "plain", *common,
+             "--new-tokens", "4", "--out", str(tmp_path / "x.json")], 60)
+    assert r.returncode == 2 and "--new-tokens applies to --step decode only" in r.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_greedy_divergence_fp32_is_identical(tmp_path, tiny_llama, llama_adapter):
     out = tmp_path / "d.json"
     r = run(["benchmarks/greedy_divergence.py", "--model", str(tiny_llama), "--uld-adapter",
