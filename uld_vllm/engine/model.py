@@ -21,6 +21,7 @@ Layout inside one vLLM model (N target layers, K assistant layers):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -29,10 +30,14 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
+from uld_vllm.engine import host_malloc
 from uld_vllm.engine.combine import UldCombiner
 from uld_vllm.engine.lora import LoRALayer, load_lora_layer, lora_tensors, read_lora_settings
 from uld_vllm.engine.settings import UldSettings
 from uld_vllm.errors import UldError
+
+# a child of vLLM's logger: its handler, format and level (VLLM_LOGGING_LEVEL)
+_log = logging.getLogger("vllm.uld_vllm")
 
 
 class UldAssistantLayer(nn.Module):
@@ -203,6 +208,7 @@ class UldCausalLMMixin:
             for i in range(k)
         })
         self.uld_combiner = UldCombiner(self.uld_settings)
+        self.uld_host_malloc = _keep_step_buffers(vllm_config, config)
         # a tuple, like the owner inside it: no second registration of any module
         self._uld_forward = (UldForward(vllm_config=vllm_config, prefix=base, owner=self),)
 
@@ -245,6 +251,23 @@ class UldCausalLMMixin:
             loaded |= load_lora_layer(layer.lora, i, tensors, self.uld_scale,
                                       prefix=f"uld_layers.{key}.lora")
         return loaded
+
+
+def _keep_step_buffers(vllm_config, config) -> dict:
+    """On CPU, glibc's thresholds raised above the stacked buffers of a step (see
+    ``uld_vllm.engine.host_malloc``); logged once, and kept for ``uld_host_malloc_state``."""
+    device = vllm_config.device_config.device_type
+    if device != "cpu":
+        state = {"applied": False, "reason": f"device {device}: the step's buffers are not "
+                 "in host memory", "mmap_threshold": None, "trim_threshold": None}
+    else:
+        largest = host_malloc.largest_step_buffer(
+            vllm_config.scheduler_config.max_num_batched_tokens, config.intermediate_size,
+            vllm_config.model_config.dtype.itemsize)
+        state = host_malloc.apply(host_malloc.plan(largest))
+        state["largest_step_buffer"] = largest
+    _log.info("ULD host memory: %s", host_malloc.describe(state))
+    return state
 
 
 class UldLlamaForCausalLM(UldCausalLMMixin, LlamaForCausalLM):
