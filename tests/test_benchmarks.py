@@ -170,9 +170,10 @@ def test_ab_smoke_each_variant_runs_with_its_own_environment(tmp_path):
     # confident rows (init std 0.2), r = 0.1 and the sparse head forced on both (it would
     # not pay at 51 of 512 tokens): the top-k path, where ULD_NATIVE picks the C or torch code
     sparse = "ULD_SPARSE_HEAD_FRACTION=1"
+    glibc = "ULD_HOST_MALLOC=default"
     r = run(["benchmarks/ab.py", *TINY, "--init-std", "0.2", "--workdir", str(tmp_path / "m"),
              "--batches", "1", "2", "--new-tokens", "6", "--repeats", "3",
-             "--uld-filter-ratio", "0.1", "--a", f"uld ULD_NATIVE=0 {sparse}", "--b",
+             "--uld-filter-ratio", "0.1", "--a", f"uld ULD_NATIVE=0 {sparse} {glibc}", "--b",
              f"uld {sparse}", "--out", str(out)], 600, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((out / "ab.json").read_text())
@@ -180,8 +181,8 @@ def test_ab_smoke_each_variant_runs_with_its_own_environment(tmp_path):
     assert rep["kv_cache_gib"] == 1 and rep["threads"]["cores"] == [0]
     va, vb = rep["variants"]["a"], rep["variants"]["b"]
     assert (va["system"], va["env"], vb["system"], vb["env"]) == (
-        "uld", {"ULD_NATIVE": "0", "ULD_SPARSE_HEAD_FRACTION": "1"}, "uld",
-        {"ULD_SPARSE_HEAD_FRACTION": "1"})
+        "uld", {"ULD_NATIVE": "0", "ULD_SPARSE_HEAD_FRACTION": "1", "ULD_HOST_MALLOC": "default"},
+        "uld", {"ULD_SPARSE_HEAD_FRACTION": "1"})
     for v in (va, vb):
         assert positive(v["start_s"]) and positive(v["peak_rss_mib"])
         assert v["worker_cores"] == [0]
@@ -190,6 +191,11 @@ def test_ab_smoke_each_variant_runs_with_its_own_environment(tmp_path):
     # A's engine saw ULD_NATIVE=0, B's did not (the front-end's environment was restored)
     assert va["combiner"]["description"].endswith("kept-token head: torch")
     assert va["combiner"]["stats"]["c_finish"] == 0
+    # and glibc's own malloc thresholds; B's engine raised them (uld_vllm.engine.host_malloc)
+    assert not va["host_malloc"]["applied"] and glibc in va["host_malloc"]["reason"]
+    assert vb["host_malloc"]["applied"] and vb["host_malloc"]["mmap_threshold"] >= 32 << 20
+    assert "A host memory: glibc malloc unchanged (ULD_HOST_MALLOC=default" in r.stdout
+    assert "B host memory: glibc malloc keeps buffers up to" in r.stdout
     if native.library() is not None:
         assert "kept-token head: C (" in vb["combiner"]["description"]
         assert vb["combiner"]["stats"]["c_finish"] > 0  # the steps whose rows keep their top k

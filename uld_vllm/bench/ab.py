@@ -14,10 +14,10 @@ the N pairs' ratios, each pair's ratio is reported too, and the paired repeats o
 
 The variables reach only the engine they are given for: each vLLM engine runs in its own
 processes, which copy the environment when the engine starts (the combine reads ``ULD_NATIVE``,
-``ULD_BACKEND`` and ``ULD_SPARSE_HEAD_FRACTION`` there), and this process restores its own
-right after. Variables read only when a process starts (``PYTHONPATH``, ``LD_PRELOAD``, ...)
-are refused: the engines' processes are forked from this one and would not see them. Writes
-``ab.json`` and ``ab.png`` to ``--out`` and prints a table.
+``ULD_BACKEND`` and ``ULD_SPARSE_HEAD_FRACTION`` there, the model ``ULD_HOST_MALLOC``), and this
+process restores its own right after. Variables read only when a process starts
+(``PYTHONPATH``, ``LD_PRELOAD``, ...) are refused: the engines' processes are forked from this
+one and would not see them. Writes ``ab.json`` and ``ab.png`` to ``--out`` and prints a table.
 """
 
 from __future__ import annotations
@@ -144,8 +144,10 @@ def main(argv: list[str]) -> int:
               # the first pair's engines; every pair's in by_instance
               "variants": {n: {**v, **first["systems"][n],
                                "combiner": first["combiners"].get(n),
+                               "host_malloc": first["host_malloc"].get(n),
                                "by_instance": [{**p["systems"][n],
-                                                "combiner": p["combiners"].get(n)}
+                                                "combiner": p["combiners"].get(n),
+                                                "host_malloc": p["host_malloc"].get(n)}
                                                for p in instances]}
                            for n, v in args.variants.items()},
               "workloads": rows, "config": {k: v for k, v in vars(args).items()
@@ -188,10 +190,12 @@ def _run_pair(args, m, kw, uld_kw, loads, log) -> dict:
     results, outputs = run_interleaved(engines, loads, log)
     # what each ULD engine ran, from its worker: the combine path its environment chose and
     # how many steps took each path (so a variable that did not take effect shows here)
-    combiners = {e["name"]: e["llm"].collective_rpc("uld_combiner_state")[0]
-                 for e, v in zip(engines, args.variants.values()) if v["system"] == "uld"}
+    ulds = [e for e, v in zip(engines, args.variants.values()) if v["system"] == "uld"]
+    combiners = {e["name"]: e["llm"].collective_rpc("uld_combiner_state")[0] for e in ulds}
+    host_malloc = {e["name"]: e["llm"].collective_rpc("uld_host_malloc_state")[0] for e in ulds}
     systems = {e["name"]: stop_engine(e) for e in engines}
-    return {"results": results, "outputs": outputs, "combiners": combiners, "systems": systems}
+    return {"results": results, "outputs": outputs, "combiners": combiners,
+            "host_malloc": host_malloc, "systems": systems}
 
 
 def summarize(loads: list[dict], instances: list[dict]) -> list[dict]:
