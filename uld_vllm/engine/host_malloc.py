@@ -5,18 +5,19 @@ GEMMs, so a prefill of T tokens writes one ``[2T, 2I]`` gate/up output per assis
 39 MB at T = 3200 on SmolLM2 in bf16, twice what plain vLLM allocates there. glibc maps
 anything above its mmap threshold (dynamic, at most 32 MiB) fresh and unmaps it on free, and
 hands freed heap above its trim threshold back to the kernel; either way the buffer is faulted
-in page by page, zeroed by the kernel, in every layer of every prefill step. Measured in one
-process on one core (SmolLM2, K = 8, bf16, a prefill of 64 prompts x 50 tokens; one process
-each): ULD 2.06-2.26 s and 30-122 k minor faults a step with glibc's defaults, 1.98-2.04 s and
-4 with both thresholds raised; plain vLLM 1.55-1.57 s either way.
+in page by page, zeroed by the kernel, in every layer of every prefill step. Measured on
+SmolLM2 (K = 8, bf16, a prefill of 64 prompts x 50 tokens, one core): 4-128 k minor faults a
+step with glibc's defaults, 4 with both thresholds raised; two ULD engines taking turns
+(``uld-vllm bench ab``, two engine pairs) ran the step 6 % faster with them raised. Plain
+vLLM's buffers there stay under 32 MiB: raising them gained it nothing.
 
 So the ULD model raises both thresholds in its worker process when it is built on CPU: the
 mmap threshold above the largest stacked buffer a step can allocate, the trim threshold to 8x
 that. A buffer freed in one layer is then reused by the next. The trim threshold has to cover
-what a whole step frees: the same prefill still faulted up to 48 k pages a step with 2x (98
+what a whole step frees: the same prefill still faulted 26-35 k pages a step with 2x (98
 MiB of freed heap kept), 4 with 256 MiB or 1 GiB. The heap keeps memory a step has already
-used, so the worker no longer shrinks between steps; its peak RSS grew by ~100 MiB (2-3 %)
-in the same prefill benchmark.
+used, so the worker no longer shrinks between steps; the engine's peak RSS grew by 95-250
+MiB (2-6 %) in the benchmarks.
 
 vLLM's CPU documentation recommends tcmalloc (``LD_PRELOAD``) for the same reason: with an
 allocator preloaded, or on a C library other than glibc, nothing is changed.
