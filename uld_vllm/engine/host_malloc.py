@@ -62,14 +62,21 @@ class HostMallocPlan:
     trim_threshold: int = 0
 
 
-def plan(buffer_bytes: int, environ=None, libc_is_glibc: bool | None = None) -> HostMallocPlan:
-    """What to set for a step whose largest buffer is ``buffer_bytes``; changes nothing."""
+def check_choice(environ=None) -> str:
+    """``ULD_HOST_MALLOC``: ``keep`` (unset) or ``default``; anything else is refused."""
     environ = os.environ if environ is None else environ
     choice = environ.get("ULD_HOST_MALLOC", "keep") or "keep"
     if choice not in CHOICES:
         raise UldError(f"ULD_HOST_MALLOC={choice!r} is unknown",
-                       f"unset it or use one of {CHOICES} (default: glibc's own settings)")
-    if choice == "default":
+                       "unset it to raise glibc's thresholds, or set it to default to keep "
+                       "glibc's settings")
+    return choice
+
+
+def plan(buffer_bytes: int, environ=None, libc_is_glibc: bool | None = None) -> HostMallocPlan:
+    """What to set for a step whose largest buffer is ``buffer_bytes``; changes nothing."""
+    environ = os.environ if environ is None else environ
+    if check_choice(environ) == "default":
         return HostMallocPlan(False, "ULD_HOST_MALLOC=default: glibc's own settings")
     preload = environ.get("LD_PRELOAD", "")
     named = [a for a in PRELOADED_ALLOCATORS if a in preload]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from uld_vllm.core.logits import MODES
+from uld_vllm.engine import host_malloc
 from uld_vllm.errors import UldError
 
 # base architecture -> ULD architecture (registered lazily by uld_vllm.engine.plugin)
@@ -116,6 +117,8 @@ def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = N
         mode=mode,
     )
     settings.validate()
+    # read again where the worker builds the model; refused here before any engine starts
+    host_malloc.check_choice()
     hf = dict(hf_overrides or {})
     if "architectures" in hf and hf["architectures"] != [ULD_ARCHITECTURES[arch]]:
         raise UldError("--hf-overrides sets 'architectures', which --uld-adapter also sets",
