@@ -18,7 +18,8 @@ def test_largest_step_buffer_is_the_stacked_gate_up_output():
 
 
 @pytest.mark.parametrize("buffer, mmap, trim", [
-    (48 * MIB, 49 * MIB, 392 * MIB), (48 * MIB - 1, 48 * MIB, 384 * MIB),
+    (48 * MIB, 49 * MIB, 392 * MIB), (48 * MIB - 1, 49 * MIB, 392 * MIB),
+    (48 * MIB - 4097, 48 * MIB, 384 * MIB),
     (MIB, 32 * MIB, 256 * MIB), (0, 32 * MIB, 256 * MIB),
     (300 * MIB, 301 * MIB, 2**31 - 1),  # mallopt takes an int
 ])

@@ -45,6 +45,7 @@ INT_MAX = 2**31 - 1
 PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
 CHOICES = ("keep", "default")
 _MIB = 1 << 20
+_PAGE = 4096
 
 
 def largest_step_buffer(max_num_batched_tokens: int, intermediate_size: int,
@@ -86,8 +87,9 @@ def plan(buffer_bytes: int, environ=None, libc_is_glibc: bool | None = None) -> 
         libc_is_glibc = _glibc() is not None
     if not libc_is_glibc:
         return HostMallocPlan(False, "not glibc: the C library's own settings")
-    # whole MiB, and above the largest buffer: glibc maps a chunk of exactly the threshold
-    mmap_threshold = max(GLIBC_MMAP_THRESHOLD_MAX, (buffer_bytes // _MIB + 1) * _MIB)
+    # whole MiB, and a page above the largest buffer: glibc maps a request whose chunk (its
+    # header and the allocator's alignment included) reaches the threshold
+    mmap_threshold = max(GLIBC_MMAP_THRESHOLD_MAX, ((buffer_bytes + _PAGE) // _MIB + 1) * _MIB)
     reason = f"the largest stacked buffer of a step is {buffer_bytes / _MIB:.1f} MiB"
     if mmap_threshold > INT_MAX:
         mmap_threshold = INT_MAX // _MIB * _MIB
@@ -108,7 +110,7 @@ def apply(p: HostMallocPlan) -> dict:
     ok = (libc.mallopt(M_MMAP_THRESHOLD, p.mmap_threshold) == 1
           and libc.mallopt(M_TRIM_THRESHOLD, p.trim_threshold) == 1)
     if not ok:
-        state["reason"] = f"glibc refused mallopt ({p.reason}): its own settings"
+        state["reason"] = f"glibc refused mallopt ({p.reason})"
         return state
     state.update(applied=True, mmap_threshold=p.mmap_threshold,
                  trim_threshold=p.trim_threshold)
