@@ -16,8 +16,8 @@ mmap threshold above the largest stacked buffer a step can allocate, the trim th
 that. A buffer freed in one layer is then reused by the next. The trim threshold has to cover
 what a whole step frees: the same prefill still faulted 26-35 k pages a step with 2x (98
 MiB of freed heap kept), 4 with 256 MiB or 1 GiB. The heap keeps memory a step has already
-used, so the worker no longer shrinks between steps; the engine's peak RSS grew by 95-250
-MiB (2-6 %) in the benchmarks.
+used, so the worker no longer shrinks between steps; the engine's peak RSS grew by 95-390
+MiB (2-9 %) in the benchmarks.
 
 vLLM's CPU documentation recommends tcmalloc (``LD_PRELOAD``) for the same reason: with an
 allocator preloaded, or on a C library other than glibc, nothing is changed.
