@@ -258,8 +258,8 @@ def _keep_step_buffers(vllm_config, config) -> dict:
     ``uld_vllm.engine.host_malloc``); logged once, and kept for ``uld_host_malloc_state``."""
     device = vllm_config.device_config.device_type
     if device != "cpu":
-        state = {"applied": False, "reason": f"device {device}: the step's buffers are not "
-                 "in host memory", "mmap_threshold": None, "trim_threshold": None}
+        state = host_malloc.apply(host_malloc.HostMallocPlan(
+            False, f"device {device}: the step's buffers are not in host memory"))
     else:
         largest = host_malloc.largest_step_buffer(
             vllm_config.scheduler_config.max_num_batched_tokens, config.intermediate_size,
