@@ -51,9 +51,7 @@ setup(
         # the Makefile: its own dependencies are an unrelated app and llama-cpp-python)
         "models": ["gguf>=0.10"],
     },
-    # csrc: the C sources uld_vllm.core.native builds on first use
-    package_data={"uld_vllm.demo": ["data/*.jsonl", "data/*.md"],
-                  "uld_vllm.core": ["csrc/*.c", "csrc/*.h"]},
+    package_data={"uld_vllm.demo": ["data/*.jsonl", "data/*.md"]},
     entry_points={
         "console_scripts": ["uld-vllm = uld_vllm.cli.main:main"],
         "vllm.general_plugins": ["uld = uld_vllm.engine.plugin:register"],

@@ -81,30 +81,3 @@ def smollm2() -> Path:
     from uld_vllm.core.models import fetch_model
 
     return fetch_model("smollm2-135m-instruct", log=lambda m: None)
-
-
-_PORTABLE_C: dict = {}  # the C library built without -march=native, once per session
-
-
-@pytest.fixture
-def use_c_build(monkeypatch, tmp_path_factory):
-    """``use("native")`` or ``use("portable")``: uld_vllm.core.native's library for this test,
-    built with ``-march=native`` (AVX-512 code on CPUs that have it) or without it (the scalar
-    code paths, as on a CPU without AVX-512). It must build: CI's machine has a C compiler."""
-    from uld_vllm.core import native
-
-    def use(kind: str):
-        monkeypatch.setenv("ULD_NATIVE", "1")
-        if kind == "portable":
-            if not _PORTABLE_C:
-                monkeypatch.setenv("ULD_VLLM_HOME", str(tmp_path_factory.mktemp("portable")))
-                monkeypatch.setattr(native, "_ARCH_FLAGS", ([],))
-                monkeypatch.setattr(native, "_state", _PORTABLE_C)
-                native.library()
-            monkeypatch.setattr(native, "_state", _PORTABLE_C)
-            assert "-march" not in native.status()
-        lib = native.library()
-        assert lib is not None, native.status()
-        return lib
-
-    return use

@@ -29,8 +29,6 @@ def llama_run(tiny_llama, llama_adapter):
     import uld_vllm
     from uld_vllm.engine.inspect import combiner_stats, kv_cache_groups, model_summary
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ULD_SPARSE_HEAD_FRACTION", "0")  # dense LM head for both streams
     llm = uld_vllm.LLM(str(tiny_llama), uld_adapter=str(llama_adapter), uld_alpha=0.8,
                        uld_filter_ratio=0.1, **ENGINE_KW)
     try:
@@ -52,8 +50,7 @@ def llama_run(tiny_llama, llama_adapter):
         run["stats"] = llm.apply_model(combiner_stats)[0]
     finally:
         shutdown(llm)
-        mp.undo()
-    assert run["stats"]["sparse"] == 0 and run["stats"]["dense"] > 0
+    assert run["stats"]["combined"] > 0
     return run
 
 
@@ -74,30 +71,23 @@ def test_uld_engine_is_not_the_plain_target(llama_run, tiny_llama):
 
 
 @pytest.mark.parametrize("name", ["llama-r0.01-chunked", "qwen2-r0.1", "qwen2-r0.01-chunked"])
-def test_greedy_matches_reference_other_settings(name, request, monkeypatch):
+def test_greedy_matches_reference_other_settings(name, request):
     """Each (model, filter ratio), with prefix caching + a chunked-prefill budget of 16
-    tokens (smaller than the longest prompt) on the `-chunked` ones. The `-chunked` engines
-    also force the sparse assistant head (assistant logits for kept tokens only)."""
+    tokens (smaller than the longest prompt) on the `-chunked` ones."""
     import uld_vllm
-    from uld_vllm.engine.inspect import combiner_stats
 
     arch, r, *chunked = name.split("-")
     model = request.getfixturevalue("tiny_llama" if arch == "llama" else "tiny_qwen2")
     adapter = request.getfixturevalue(f"{arch}_adapter")
     ratio = float(r[1:])
     kw = dict(ENGINE_KW, **(CHUNKED_KW if chunked else {}))
-    if chunked:
-        monkeypatch.setenv("ULD_SPARSE_HEAD_FRACTION", "1.0")
     llm = uld_vllm.LLM(str(model), uld_adapter=str(adapter), uld_alpha=0.8,
                        uld_filter_ratio=ratio, **kw)
     try:
         first = llm.generate(PROMPTS, greedy(), use_tqdm=False)
         second = llm.generate(PROMPTS, greedy(), use_tqdm=False) if chunked else first
-        stats = llm.apply_model(combiner_stats)[0]
     finally:
         shutdown(llm)
-    if chunked:
-        assert stats["sparse"] > 0 and stats["dense"] == 0
     ref = ReferenceDecoder.load(model, adapter, alpha=0.8, filter_ratio=ratio)
     longest = max(len(ref.encode(p)) for p in PROMPTS)
     ties = assert_greedy_matches([o.outputs[0].token_ids for o in first], ref, PROMPTS, MAX_NEW)
@@ -168,7 +158,7 @@ def _triton_interprets_here() -> bool:
 
 def test_forced_triton_kernel_leaves_engine_outputs_unchanged(tiny_qwen2, qwen2_adapter,
                                                               monkeypatch, request):
-    """ULD_BACKEND=triton on CPU runs the fused kernel in the Triton interpreter (slow, so
+    """Backend triton on CPU runs the fused kernel in the Triton interpreter (slow, so
     few prompts and tokens); greedy tokens must equal the reference decoder's."""
     if not _triton_interprets_here():
         import os
@@ -184,11 +174,11 @@ def test_forced_triton_kernel_leaves_engine_outputs_unchanged(tiny_qwen2, qwen2_
     import uld_vllm
     from uld_vllm.engine.inspect import combiner_stats
 
-    monkeypatch.setenv("ULD_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the worker imports triton
     prompts, n_new = PROMPTS[:4], 6
     llm = uld_vllm.LLM(str(tiny_qwen2), uld_adapter=str(qwen2_adapter), uld_alpha=0.8,
-                       uld_filter_ratio=0.1, **ENGINE_KW)
+                       uld_filter_ratio=0.1, additional_config={"uld": {"backend": "triton"}},
+                       **ENGINE_KW)
     try:
         from vllm import SamplingParams
 
@@ -198,7 +188,7 @@ def test_forced_triton_kernel_leaves_engine_outputs_unchanged(tiny_qwen2, qwen2_
         backend = llm.apply_model(_combiner_backend)[0]
     finally:
         shutdown(llm)
-    assert backend == "triton" and stats["sparse"] == 0 and stats["dense"] > 0
+    assert backend == "triton" and stats["combined"] > 0
     ref = ReferenceDecoder.load(tiny_qwen2, qwen2_adapter, alpha=0.8, filter_ratio=0.1)
     assert assert_greedy_matches([o.outputs[0].token_ids for o in outs], ref, prompts,
                                  n_new) == 0

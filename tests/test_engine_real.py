@@ -111,8 +111,6 @@ def test_greedy_equals_reference_with_a_trained_adapter(smollm2, adapter, prompt
     assert ref.alpha == 0.8
     ties = assert_greedy_matches(run[ratio][0], ref, prompts[1], MAX_NEW)
     assert ties <= 1
-    if ratio == 0.01:  # k = 491 of 49152: the sparse head, its selection and scatter in C
-        assert run["stats"]["c_finish"] > 0 and run["stats"]["dense"] == 0
 
 
 def test_the_two_ratios_decode_differently_somewhere(run):

@@ -433,8 +433,6 @@ def test_engine_dense_path_uses_kernel(monkeypatch):
     assert combine._pick_backend("auto") == ("triton" if torch.cuda.is_available() else "torch")
     with pytest.raises(UldError, match="unknown"):
         combine._pick_backend("cuda")
-    monkeypatch.setenv("ULD_BACKEND", "triton")
-    monkeypatch.setattr(combine, "_plain_head", lambda *_: False)  # the dense GEMM path
     g = torch.Generator().manual_seed(8)
     W, h_t, h_a = (torch.randn(1271, 32, generator=g), torch.randn(5, 32, generator=g),
                    torch.randn(5, 32, generator=g))
@@ -445,7 +443,7 @@ def test_engine_dense_path_uses_kernel(monkeypatch):
     assert kernels.split_plan(5, 1271, torch.device("cpu")) == (2, 1024, 1024)
     for r, mode in ((0.01, "generate"), (0.1, "score"), (0.0, "generate")):
         c = combine.UldCombiner(SimpleNamespace(alpha=0.8, filter_ratio=r, mode=mode,
-                                                backend="auto"))
+                                                backend="triton"))
         assert c.backend == "triton"
         with launched("combine") as n:
             got = c(lambda _, h: h @ W.T, None, h_t, h_a)

@@ -2,8 +2,6 @@
 
 from importlib.metadata import entry_points
 
-import pytest
-
 
 def test_entry_point_is_installed():
     eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
@@ -94,18 +92,3 @@ def test_adapter_hash_keys_the_compile_cache_on_the_adapters_contents(tiny_llama
     assert engine_overrides(str(tiny_llama), path)[1]["uld"]["adapter_hash"] == first
     make_random_adapter(tiny_llama, path, num_layers=1, seed=3, overwrite=True)
     assert engine_overrides(str(tiny_llama), path)[1]["uld"]["adapter_hash"] != first
-
-
-def test_an_unknown_host_malloc_choice_is_refused_before_any_engine(tiny_llama, llama_adapter,
-                                                                    monkeypatch):
-    """ULD_HOST_MALLOC is read in the worker; every entry point checks it first, in one line."""
-    from uld_vllm.engine.settings import engine_overrides
-    from uld_vllm.errors import UldError
-
-    monkeypatch.setenv("ULD_HOST_MALLOC", "tcmalloc")
-    with pytest.raises(UldError) as e:
-        engine_overrides(str(tiny_llama), llama_adapter)
-    assert str(e.value).startswith("ULD_HOST_MALLOC='tcmalloc' is unknown")
-    assert "\n" not in str(e.value)
-    monkeypatch.setenv("ULD_HOST_MALLOC", "default")
-    assert engine_overrides(str(tiny_llama), llama_adapter)[1]["uld"]["adapter"]

@@ -98,7 +98,7 @@ def test_mixed_rows_equal_each_rows_own_settings(ratio):
     W = torch.randn(V, H, generator=g) * 2
     h_t, h_a = torch.randn(n, H, generator=g), torch.randn(n, H, generator=g)
     c = UldCombiner(SimpleNamespace(alpha=0.8, filter_ratio=ratio, mode="generate",
-                                    backend="torch"), sparse_fraction=0.0)
+                                    backend="torch"))
 
     def lp(head, h):
         return h @ head.weight.T

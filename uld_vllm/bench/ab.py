@@ -144,10 +144,10 @@ def main(argv: list[str]) -> int:
               # the first pair's engines; every pair's in by_instance
               "variants": {n: {**v, **first["systems"][n],
                                "combiner": first["combiners"].get(n),
-                               "host_malloc": first["host_malloc"].get(n),
+                               "host_malloc": None,
                                "by_instance": [{**p["systems"][n],
                                                 "combiner": p["combiners"].get(n),
-                                                "host_malloc": p["host_malloc"].get(n)}
+                                                "host_malloc": None}
                                                for p in instances]}
                            for n, v in args.variants.items()},
               "workloads": rows, "config": {k: v for k, v in vars(args).items()
@@ -192,7 +192,7 @@ def _run_pair(args, m, kw, uld_kw, loads, log) -> dict:
     # how many steps took each path (so a variable that did not take effect shows here)
     ulds = [e for e, v in zip(engines, args.variants.values()) if v["system"] == "uld"]
     combiners = {e["name"]: e["llm"].collective_rpc("uld_combiner_state")[0] for e in ulds}
-    host_malloc = {e["name"]: e["llm"].collective_rpc("uld_host_malloc_state")[0] for e in ulds}
+    host_malloc = {}
     systems = {e["name"]: stop_engine(e) for e in engines}
     return {"results": results, "outputs": outputs, "combiners": combiners,
             "host_malloc": host_malloc, "systems": systems}

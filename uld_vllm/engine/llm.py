@@ -7,7 +7,7 @@ import os
 
 def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
         uld_alpha: float | None = None, uld_filter_ratio: float | None = None,
-        uld_mode: str = "generate", **vllm_kwargs):
+        uld_mode: str | None = None, **vllm_kwargs):
     """Build ``vllm.LLM(model, **vllm_kwargs)`` that decodes with ULD.
 
     Returns vLLM's own ``LLM`` object (so ``generate``, ``chat``, ``SamplingParams``, outputs
@@ -20,7 +20,9 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
                  logits_processors=["uld_vllm.engine.request_controls:UldRequestControls"],
                  worker_extension_cls="uld_vllm.engine.worker.UldWorkerExtension")
 
-    Per request: ``SamplingParams(extra_args={"uld_alpha": 0.5, "uld_mode": "generate"})``.
+    Other engine settings go in ``additional_config={"uld": {...}}`` (e.g. ``"backend":
+    "torch"``); the arguments above win over the same keys there. Per request:
+    ``SamplingParams(extra_args={"uld_alpha": 0.5, "uld_mode": "generate"})``.
     """
     import vllm
 

@@ -23,7 +23,6 @@ matrices, their zero blocks (``2 r (q + 2 kv) + 2 r I`` values a layer) and noth
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -115,9 +114,10 @@ class LoRALayer(nn.Module):
         return torch.addmm(base, h, b.weight.t())
 
 
-def read_lora_settings(adapter_dir: str | Path) -> tuple[int, float]:
-    """(rank, scale) from adapter_config.json; refuses LoRA variants the engine cannot run."""
-    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+def read_lora_settings(adapter) -> tuple[int, float]:
+    """(rank, scale) from a loaded adapter's PEFT config; refuses LoRA variants the engine
+    cannot run."""
+    cfg, adapter_dir = adapter.peft_config, adapter.path
     for key in ("use_dora", "rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise UldError(f"adapter {adapter_dir} uses {key}, which the ULD engine does not "

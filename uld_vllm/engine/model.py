@@ -30,7 +30,6 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
-from uld_vllm.engine import host_malloc
 from uld_vllm.engine.combine import UldCombiner
 from uld_vllm.engine.lora import LoRALayer, load_lora_layer, lora_tensors, read_lora_settings
 from uld_vllm.engine.settings import UldSettings
@@ -185,7 +184,11 @@ class UldCausalLMMixin:
                            "use tensor parallelism (--tensor-parallel-size) instead")
         # the same refusals as the entry points', for engines built in the plain-vLLM form
         check_vllm_config(vllm_config)
-        self.uld_settings = UldSettings.from_vllm_config(vllm_config)
+        raw = (vllm_config.additional_config or {}).get("uld")
+        if not isinstance(raw, dict) or "adapter" not in raw:
+            UldSettings.from_dict(raw)  # raises the one-line error for a missing adapter
+        adapter = load_adapter(raw["adapter"])
+        self.uld_settings = UldSettings.from_dict(raw, adapter.config)
         # built by the runner before the model, from the same config (see request_controls)
         self.uld_controls = controls_for(vllm_config)
         if self.uld_controls is None:
@@ -193,11 +196,10 @@ class UldCausalLMMixin:
                            "request arguments would be ignored",
                            f"pass logits_processors=[{FQCN!r}] (uld_vllm.LLM and "
                            "--uld-adapter add it)")
-        adapter = load_adapter(self.uld_settings.adapter)
         config = vllm_config.model_config.hf_config
         adapter.check_base(config, vllm_config.model_config.model)
         self.uld_adapter = adapter
-        self.uld_rank, self.uld_scale = read_lora_settings(adapter.path)
+        self.uld_rank, self.uld_scale = read_lora_settings(adapter)
         n, k = config.num_hidden_layers, adapter.config.num_layers
         self.uld_num_layers = k
         base = maybe_prefix(prefix, "uld_layers")
@@ -208,7 +210,6 @@ class UldCausalLMMixin:
             for i in range(k)
         })
         self.uld_combiner = UldCombiner(self.uld_settings)
-        self.uld_host_malloc = _keep_step_buffers(vllm_config, config)
         # a tuple, like the owner inside it: no second registration of any module
         self._uld_forward = (UldForward(vllm_config=vllm_config, prefix=base, owner=self),)
 
@@ -251,23 +252,6 @@ class UldCausalLMMixin:
             loaded |= load_lora_layer(layer.lora, i, tensors, self.uld_scale,
                                       prefix=f"uld_layers.{key}.lora")
         return loaded
-
-
-def _keep_step_buffers(vllm_config, config) -> dict:
-    """On CPU, glibc's thresholds raised above the stacked buffers of a step (see
-    ``uld_vllm.engine.host_malloc``); logged once, and kept for ``uld_host_malloc_state``."""
-    device = vllm_config.device_config.device_type
-    if device != "cpu":
-        state = host_malloc.apply(host_malloc.HostMallocPlan(
-            False, f"device {device}: the step's buffers are not in host memory"))
-    else:
-        largest = host_malloc.largest_step_buffer(
-            vllm_config.scheduler_config.max_num_batched_tokens, config.intermediate_size,
-            vllm_config.model_config.dtype.itemsize)
-        state = host_malloc.apply(host_malloc.plan(largest))
-        state["largest_step_buffer"] = largest
-    _log.info("ULD host memory: %s", host_malloc.describe(state))
-    return state
 
 
 class UldLlamaForCausalLM(UldCausalLMMixin, LlamaForCausalLM):

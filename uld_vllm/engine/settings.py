@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from uld_vllm.core.logits import MODES
-from uld_vllm.engine import host_malloc
 from uld_vllm.errors import UldError
 
 # base architecture -> ULD architecture (registered lazily by uld_vllm.engine.plugin)
@@ -31,48 +30,64 @@ ULD_ARCHITECTURES = {
     "Qwen2ForCausalLM": "UldQwen2ForCausalLM",
 }
 
-
-# the sparse assistant head runs when rows keep at most this share of the vocabulary
-SPARSE_HEAD_FRACTION = 0.05
-
 # called by name through llm.collective_rpc (no pickled functions travel)
 WORKER_EXTENSION = "uld_vllm.engine.worker.UldWorkerExtension"
+
+# environment variables of earlier versions, and what replaced them (warned about, never read)
+REMOVED_ENV = {
+    "ULD_BACKEND": "additional_config['uld']['backend']",
+    "ULD_NATIVE": "nothing: the CPU-only C combine is gone",
+    "ULD_SPARSE_HEAD_FRACTION": "nothing: the CPU-only sparse assistant head is gone",
+    "ULD_HOST_MALLOC": "nothing: for CPU serving preload tcmalloc (LD_PRELOAD), as vLLM's CPU "
+                       "docs recommend",
+}
+BACKENDS = ("auto", "torch", "triton")  # see uld_vllm.engine.combine
+# the additional_config["uld"] keys an engine reads; any other key is refused
+_KEYS = ("adapter", "alpha", "filter_ratio", "mode", "backend", "adapter_hash")
 
 
 @dataclasses.dataclass(frozen=True)
 class UldSettings:
+    """Every setting of a ULD engine: ``additional_config["uld"]`` and nowhere else."""
+
     adapter: str
     alpha: float
     filter_ratio: float
     mode: str = "generate"  # "score": masked tokens keep the target logit (TOFU scoring)
     backend: str = "auto"   # "auto" | "torch" | "triton" (uld_vllm.engine.combine)
-    sparse_head_fraction: float = SPARSE_HEAD_FRACTION  # see uld_vllm.engine.combine
 
     @classmethod
-    def from_vllm_config(cls, vllm_config) -> "UldSettings":
-        raw = (vllm_config.additional_config or {}).get("uld")
+    def from_dict(cls, raw: Any, adapter_config=None) -> "UldSettings":
+        """Settings from ``additional_config["uld"]``; ``alpha``/``filter_ratio`` left out
+        there (a hand-written config) come from ``adapter_config``, the adapter's
+        ``UldConfig``, which the caller has read already."""
         if not isinstance(raw, dict) or "adapter" not in raw:
             raise UldError("a ULD model class was chosen but additional_config has no "
                            "'uld': {'adapter': DIR}", "use uld_vllm.LLM(..., uld_adapter=DIR) "
                            "or `vllm serve MODEL --uld-adapter DIR`")
-        from uld_vllm.core.adapter import load_adapter
-
-        cfg = load_adapter(raw["adapter"]).config
+        unknown = sorted(set(raw) - set(_KEYS))
+        if unknown:
+            raise UldError(f"additional_config['uld'] has unknown keys {unknown}",
+                           f"the keys are {', '.join(_KEYS)}")
+        missing = [k for k in ("alpha", "filter_ratio") if k not in raw]
+        if missing and adapter_config is None:
+            raise UldError(f"additional_config['uld'] lacks {missing}",
+                           "pass them, or the adapter's config to fill them in")
         s = cls(adapter=str(raw["adapter"]),
-                alpha=float(raw.get("alpha", cfg.alpha)),
-                filter_ratio=float(raw.get("filter_ratio", cfg.filter_ratio)),
+                alpha=_number(raw, "alpha", getattr(adapter_config, "alpha", None)),
+                filter_ratio=_number(raw, "filter_ratio",
+                                     getattr(adapter_config, "filter_ratio", None)),
                 mode=str(raw.get("mode", "generate")),
-                backend=str(raw.get("backend", "auto")),
-                sparse_head_fraction=float(raw.get("sparse_head_fraction", SPARSE_HEAD_FRACTION)))
+                backend=str(raw.get("backend", "auto")))
         s.validate()
         return s
 
     def validate(self) -> None:
-        if not 0.0 <= self.sparse_head_fraction <= 1.0:
-            raise UldError(f"sparse_head_fraction {self.sparse_head_fraction} is out of range",
-                           "use a fraction in [0, 1] (0: never, 1: always)")
         if self.mode not in MODES:
             raise UldError(f"ULD mode {self.mode!r} is unknown", f"use one of {MODES}")
+        if self.backend not in BACKENDS:
+            raise UldError(f"ULD backend {self.backend!r} is unknown",
+                           f"set additional_config['uld']['backend'] to one of {BACKENDS}")
         if not 0.0 <= self.filter_ratio < 1.0:
             raise UldError(f"--uld-filter-ratio {self.filter_ratio} is out of range",
                            "use a value in [0, 1), e.g. 0.1 or 0.01")
@@ -80,22 +95,51 @@ class UldSettings:
             raise UldError(f"--uld-alpha {self.alpha} is negative",
                            "use alpha >= 0 (0 disables the assistant)")
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _number(raw: dict, key: str, default) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UldError(f"additional_config['uld'][{key!r}] is {value!r}", "give a number")
+    return float(value)
+
+
+_warned_env = False
+
+
+def warn_removed_env(environ=None) -> list[str]:
+    """One warning line per removed ``ULD_*`` variable that is set (once per process)."""
+    global _warned_env
+    environ = os.environ if environ is None else environ
+    lines = [f"uld-vllm: WARNING: {name} is set but no longer read; it was replaced by {what}"
+             for name, what in REMOVED_ENV.items() if name in environ]
+    if not _warned_env:
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
+        _warned_env = True
+    return lines
+
 
 def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = None,
-                     filter_ratio: float | None = None, mode: str = "generate",
+                     filter_ratio: float | None = None, mode: str | None = None,
                      hf_overrides: dict | None = None,
                      additional_config: dict | None = None,
                      revision: str | None = None,
                      trust_remote_code: bool = False) -> tuple[dict, dict]:
-    """Validate ``adapter`` against ``model``; return (hf_overrides, additional_config)."""
+    """Validate ``adapter`` against ``model``; return (hf_overrides, additional_config).
+
+    This is where a ULD engine's settings are resolved, once: the arguments given here, then
+    what ``additional_config["uld"]`` already holds (e.g. ``backend``), then the adapter's
+    defaults. The worker reads the result as it is."""
     from transformers import AutoConfig
 
     from uld_vllm.core.adapter import load_adapter
 
+    warn_removed_env()
     ad = load_adapter(adapter)
     if ad.config.warning:
-        import sys
-
         print(f"uld-vllm: WARNING: adapter {adapter}: {ad.config.warning}", file=sys.stderr,
               flush=True)
     try:
@@ -110,22 +154,20 @@ def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = N
     if arch not in ULD_ARCHITECTURES:
         raise UldError(f"model {model!r} has architecture {arch or 'unknown'}, which ULD does "
                        "not support", f"supported: {', '.join(ULD_ARCHITECTURES)}")
-    settings = UldSettings(
-        adapter=str(Path(adapter).resolve()),
-        alpha=ad.config.alpha if alpha is None else float(alpha),
-        filter_ratio=ad.config.filter_ratio if filter_ratio is None else float(filter_ratio),
-        mode=mode,
-    )
-    settings.validate()
-    # read again where the worker builds the model; refused here before any engine starts
-    host_malloc.check_choice()
+    extra: dict[str, Any] = dict(additional_config or {})
+    given = dict(extra.get("uld") or {})
+    given.pop("adapter_hash", None)
+    given["adapter"] = str(Path(adapter).resolve())
+    for key, value in (("alpha", alpha), ("filter_ratio", filter_ratio), ("mode", mode)):
+        if value is not None:
+            given[key] = value
+    settings = UldSettings.from_dict(given, ad.config)
     hf = dict(hf_overrides or {})
     if "architectures" in hf and hf["architectures"] != [ULD_ARCHITECTURES[arch]]:
         raise UldError("--hf-overrides sets 'architectures', which --uld-adapter also sets",
                        "drop 'architectures' from --hf-overrides")
     hf["architectures"] = [ULD_ARCHITECTURES[arch]]
-    extra: dict[str, Any] = dict(additional_config or {})
-    extra["uld"] = {k: v for k, v in dataclasses.asdict(settings).items() if k != "backend"}
+    extra["uld"] = settings.to_dict()
     # vLLM keys its compile cache on the config's hash, additional_config included; the
     # compiled ULD graph depends on the adapter's K and LoRA shapes, so an adapter rewritten
     # in place must not reuse a graph compiled for its former self

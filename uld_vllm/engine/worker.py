@@ -56,18 +56,3 @@ class UldWorkerExtension:
         return {"compiles": not fwd.do_not_compile, "compiled": compiled(fwd),
                 "from_cache": bool(getattr(fwd, "was_aot_compile_fn_loaded_from_disk", False)),
                 "inner_model_compiled": compiled(model.model)}
-
-    def uld_host_malloc_state(self, probe: bool = False) -> dict | None:
-        """What the ULD model set in this worker's allocator (``uld_vllm.engine.host_malloc``).
-        With ``probe``, where it raised glibc's thresholds, also ``probe_faults``: the page
-        faults of writing a buffer 1 MiB under the mmap threshold just after one was freed (~0
-        when the heap kept it; glibc's defaults map it fresh). None on a plain model."""
-        model = self._uld_model()
-        if model is None:
-            return None
-        state = dict(model.uld_host_malloc)
-        if probe and state["applied"]:
-            from uld_vllm.engine.host_malloc import probe_faults
-
-            state["probe_faults"] = probe_faults(state["mmap_threshold"] - (1 << 20))
-        return state
