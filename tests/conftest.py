@@ -25,6 +25,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "engine: starts a vLLM engine, an API server or Ray "
                                        "(tens of seconds each on CPU)")
     config.addinivalue_line("markers", "slow: no engine, but over ~20 s (model conversion)")
+    # `make gpu-check` runs -m gpu (tests/gpu); without a CUDA device they skip
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (tests/gpu)")
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

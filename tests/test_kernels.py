@@ -2,10 +2,10 @@
 
 Runs on CPU in the Triton interpreter: TRITON_INTERPRET must be set before triton is first
 imported (the flag is read when kernels are decorated). With ``ULD_KERNEL_TEST_DEVICE=cuda``
-the same tests run the compiled kernels on a GPU instead (no interpreter). Shapes are small
-because the interpreter pays per op; a separate test compiles every kernel for sm_90 (no GPU
-needed) so code that only the interpreter accepts cannot slip through. Both launch variants
-(one program per row, split-row) are tested, each call asserting which one ran.
+(what ``make gpu-check`` sets) the same tests run the compiled kernels on a GPU instead. Shapes
+are small because the interpreter pays per op; a separate test compiles every kernel for sm_90
+(no GPU needed) so code that only the interpreter accepts cannot slip through. Both launch
+variants (one program per row, split-row) are tested, each call asserting which one ran.
 """
 
 import os
