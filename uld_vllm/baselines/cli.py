@@ -64,12 +64,17 @@ def run_baseline(a: argparse.Namespace) -> None:
     from uld_vllm.baselines.trainer import FullTrainConfig, train_full
     from uld_vllm.core.rows import read_rows
 
-    cfg = FullTrainConfig(method=check_method(a.method), epochs=a.epochs,
-                          learning_rate=a.learning_rate, batch_size=a.batch_size,
-                          micro_batch_size=a.micro_batch_size, weight_decay=a.weight_decay,
+    steps, rest = divmod(a.batch_size, a.micro_batch_size) if a.micro_batch_size >= 1 else (0, 0)
+    if rest:
+        raise UldError(f"--batch-size {a.batch_size} is not a multiple of --micro-batch-size "
+                       f"{a.micro_batch_size}", "make it a multiple")
+    cfg = FullTrainConfig(method=check_method(a.method), num_train_epochs=a.epochs,
+                          learning_rate=a.learning_rate,
+                          per_device_train_batch_size=a.micro_batch_size,
+                          gradient_accumulation_steps=steps, weight_decay=a.weight_decay,
                           warmup_epochs=a.warmup_epochs, max_length=a.max_length, seed=a.seed,
                           precision=a.precision, beta=a.beta, gamma=a.gamma, alpha=a.alpha,
-                          prompt_template=a.prompt_template).validate()
+                          prompt_template=a.prompt_template)
     forget = read_rows(a.forget, "forget set")
     retain = read_rows(a.retain, "retain set") if a.retain else None
     train_full(a.model, a.output, forget, retain, cfg, overwrite=a.overwrite)

@@ -1,13 +1,12 @@
-"""A full-model trainer for the target fine-tune and the GA / GD / NPO baselines.
+"""Full-model training for the target fine-tune and the GA / GD / NPO baselines: one HF
+``Trainer`` subclass per method with its own ``compute_loss``, as OpenUnlearning writes them
+(``src/trainer/unlearn/``), on the losses of ``uld_vllm.baselines.losses``:
 
-One small loop (no HF ``Trainer``: the baselines need a forget batch *and* a retain batch per
-step, and NPO a per-row constant) that writes a normal HF model folder, atomically:
-
-* ``finetune``: ordinary answer-token NLL on every row (how the target and the retain model
-  are made);
-* ``ga`` / ``gd`` / ``npo``: the losses of ``uld_vllm.baselines.losses``. As OpenUnlearning's
-  ``ForgetRetainDataset`` (anchor ``forget``) does, an epoch is one pass over the forget rows
-  and each forget row is paired with a retain row drawn at random.
+* ``FinetuneTrainer``: answer-token NLL on every row (how the target and the retain model are
+  made);
+* ``GradAscentTrainer``, ``GradDiffTrainer``, ``NPOTrainer``: ``ga``, ``gd``, ``npo``. As
+  OpenUnlearning's ``ForgetRetainDataset`` (anchor ``forget``) does, an epoch is one pass over
+  the forget rows and each forget row is paired with a retain row drawn at random.
 
 Master weights stay float32 (``--precision bf16`` only autocasts the forward: an update of
 lr 1e-5 is far below bf16's resolution of a weight, so bf16 weights would not move), and the
@@ -20,56 +19,75 @@ same update).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from uld_vllm.baselines.losses import UnlearnLoss
 from uld_vllm.errors import UldError
+from uld_vllm.train.trainer import resolve_precision
 
 TRAIN_LOG = "unlearn_log.json"
 KINDS = ("finetune", "ga", "gd", "npo")
 PRECISIONS = ("fp32", "bf16")
 
 
-@dataclasses.dataclass
-class FullTrainConfig:
-    method: str
-    epochs: int = 10
-    learning_rate: float = 1e-5
-    batch_size: int = 32
-    micro_batch_size: int = 8
-    weight_decay: float = 0.01
+@dataclass
+class FullTrainConfig(TrainingArguments):
+    """HF ``TrainingArguments`` with OpenUnlearning's TOFU defaults, and the baselines' own
+    options. A step sees ``per_device_train_batch_size x gradient_accumulation_steps`` rows."""
+
+    method: str | None = None
     warmup_epochs: float = 1.0
     max_length: int = 256
-    seed: int = 0
     precision: str = "fp32"
     beta: float = 0.1  # NPO
     gamma: float = 1.0  # weight of the forget term (GD, NPO)
     alpha: float = 1.0  # weight of the retain NLL (GD, NPO)
-    # the HF Trainer's default, which OpenUnlearning's trainers inherit (its configs leave it)
-    max_grad_norm: float = 1.0
     prompt_template: str | None = None
     # finetune only: stop after the first epoch whose mean answer NLL is below this (None:
-    # train every epoch); the learning-rate schedule is still laid out over ``epochs``
+    # train every epoch); the learning-rate schedule is still laid out over every epoch
     stop_loss: float | None = None
 
-    def validate(self) -> FullTrainConfig:
+    num_train_epochs: float = 10
+    learning_rate: float = 1e-5
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 4
+    weight_decay: float = 0.01
+    seed: int = 0
+    optim: str = "adamw_torch"  # the update of torch's AdamW (HF's default here is fused)
+    logging_steps: float = 1
+    save_strategy: str = "no"  # the folder is written once, atomically, by train_full
+    disable_tqdm: bool | None = True  # one line per epoch instead
+    remove_unused_columns: bool = False
+
+    def __post_init__(self):
+        self._check()
+        self.bf16 = resolve_precision(self.precision)[0] == "bf16"  # a GPU without: one line
+        self.use_cpu = self.use_cpu or not torch.cuda.is_available()  # else HF refuses bf16
+        super().__post_init__()
+
+    def _check(self) -> None:
+        epochs = self.num_train_epochs
         checks = [
             (self.method in KINDS, f"unknown method {self.method!r}",
              f"use one of {', '.join(KINDS[1:])}"),
-            (isinstance(self.epochs, int) and self.epochs >= 1,
-             f"--epochs must be a whole number >= 1, got {self.epochs}", "e.g. 10"),
+            (epochs >= 1 and float(epochs).is_integer(),
+             f"--epochs must be a whole number >= 1, got {epochs}", "e.g. 10"),
             (self.learning_rate > 0, "--lr must be > 0", "e.g. 1e-5"),
-            (self.batch_size >= 1 and self.micro_batch_size >= 1,
+            (self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
              "--batch-size and --micro-batch-size must be >= 1", "e.g. 32 and 8"),
-            (self.batch_size % self.micro_batch_size == 0,
-             f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
-             f"{self.micro_batch_size}", "make it a multiple"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0", "e.g. 0.01"),
-            (0 <= self.warmup_epochs < self.epochs,
-             f"--warmup-epochs must be in [0, --epochs {self.epochs})", "e.g. 1"),
+            (0 <= self.warmup_epochs < epochs,
+             f"--warmup-epochs must be in [0, --epochs {epochs:g})", "e.g. 1"),
             (self.max_length >= 8, "--max-length must be >= 8", "e.g. 256"),
             (self.max_grad_norm > 0, "max_grad_norm must be > 0", "e.g. 1.0"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}",
@@ -84,7 +102,179 @@ class FullTrainConfig:
         for ok, problem, fix in checks:
             if not ok:
                 raise UldError(problem, fix)
-        return self
+
+
+class ForgetRetainData(torch.utils.data.Dataset):
+    """Tokenised forget and retain rows, indexed by ``(forget row, retain row or None)``;
+    ``collate`` puts the forget rows' tensors at the top of the batch (where the Trainer looks
+    for ``input_ids``) with their ``index``, and the retain rows' under ``retain``."""
+
+    def __init__(self, forget: list[dict], retain: list[dict], pad_id: int):
+        from uld_vllm.train.dataset import Collator
+
+        self.forget, self.retain, self.pad = forget, retain, Collator(pad_id)
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, pair: tuple[int, int | None]) -> tuple[int, int | None]:
+        return pair
+
+    def collate(self, pairs: list[tuple[int, int | None]]) -> dict:
+        batch = {**self.pad([self.forget[i] for i, _ in pairs]),
+                 "index": torch.tensor([i for i, _ in pairs])}
+        if pairs[0][1] is not None:
+            batch["retain"] = self.pad([self.retain[j] for _, j in pairs])
+        return batch
+
+
+class ForgetRetainSampler(torch.utils.data.Sampler):
+    """Per epoch, the forget rows shuffled, each with a random retain row. One generator,
+    seeded once, is drawn epoch after epoch (as the loop this trainer replaced drew it), so
+    ``__iter__`` replays the earlier epochs' draws: an epoch's pairs depend on (seed, epoch)
+    only, however often the Trainer asks."""
+
+    def __init__(self, n_forget: int, n_retain: int, seed: int):
+        self.n_forget, self.n_retain, self.seed, self.epoch = n_forget, n_retain, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n_forget
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch + 1):
+            order = torch.randperm(self.n_forget, generator=g).tolist()
+            pick = torch.randint(self.n_retain, (self.n_forget,), generator=g).tolist() \
+                if self.n_retain else [None] * self.n_forget
+        return iter(zip(order, pick))
+
+
+class FinetuneTrainer(Trainer):
+    """Answer-token NLL on every row. The base of the unlearning trainers: forget / retain
+    pairs, each micro-batch weighted by its share of the step's rows, forget (and retain) NLL
+    logged beside the loss."""
+
+    # compute_loss weighs its micro-batch itself (see get_batch_samples)
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._parts: collections.Counter = collections.Counter()
+
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        return ForgetRetainSampler(len(ds.forget), len(ds.retain), self.args.seed)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # the step's loss is the mean over its rows, as one batch of them would give, also
+        # when its micro-batches differ in size (the last step of an epoch)
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batches, sum(len(b["index"]) for b in batches)
+
+    @staticmethod
+    def logits(model, batch: dict | None) -> tuple:
+        if batch is None:
+            return None, None
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     use_cache=False).logits, batch["labels"]
+
+    def scaled(self, loss, inputs, step_rows: int, forget: tuple, retain=(None, None)):
+        """``loss`` times the micro-batch's share of the step's rows; the NLLs for the log."""
+        w = len(inputs["index"]) / step_rows
+        with torch.no_grad():  # a softmax over V, no model pass
+            self._parts["forget_nll"] += float(UnlearnLoss.mean_nll(*forget)) * w
+            if retain[0] is not None:
+                self._parts["retain_nll"] += float(UnlearnLoss.mean_nll(*retain)) * w
+        return loss * w
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forget = self.logits(model, inputs)
+        return self.scaled(UnlearnLoss.mean_nll(*forget), inputs, num_items_in_batch, forget)
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:
+            logs.update(self._parts)
+            self._parts.clear()
+        super().log(logs, start_time)
+
+
+class GradAscentTrainer(FinetuneTrainer):
+    """GA: minimising ``-NLL`` of the forget answers."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forget = self.logits(model, inputs)
+        return self.scaled(UnlearnLoss.gradient_ascent(*forget), inputs, num_items_in_batch,
+                           forget)
+
+
+class GradDiffTrainer(FinetuneTrainer):
+    """GD: ``gamma`` x GA on the forget rows + ``alpha`` x NLL on their retain rows (none
+    with ``alpha`` 0)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        a = self.args
+        forget, retain = self.logits(model, inputs), self.logits(model, inputs.get("retain"))
+        loss = a.gamma * UnlearnLoss.gradient_ascent(*forget) if retain[0] is None else \
+            UnlearnLoss.gradient_difference(*forget, *retain, gamma=a.gamma, alpha=a.alpha)
+        return self.scaled(loss, inputs, num_items_in_batch, forget, retain)
+
+
+class NPOTrainer(FinetuneTrainer):
+    """NPO with GD's retain term (OpenUnlearning's NPO extends its GradDiff)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The reference model is the starting model: its log-likelihoods are constants, so one
+        # pass now replaces a frozen copy of the model and a second forward every step.
+        # Autocast as in training, so that at the start the model and reference agree.
+        t0 = time.perf_counter()
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, self.args.per_device_train_batch_size,
+            sampler=[(i, None) for i in range(len(self.train_dataset))],
+            collate_fn=self.data_collator)
+        self.model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            self.reference = torch.cat([
+                UnlearnLoss.sequence_nll(*self.logits(self.model, self._prepare_inputs(b)))
+                for b in loader])
+        self.reference_s = time.perf_counter() - t0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        a = self.args
+        forget, retain = self.logits(model, inputs), self.logits(model, inputs.get("retain"))
+        loss = UnlearnLoss.npo(*forget, self.reference[inputs["index"]], *retain, beta=a.beta,
+                               gamma=a.gamma, alpha=a.alpha)
+        return self.scaled(loss, inputs, num_items_in_batch, forget, retain)
+
+
+TRAINERS = {"finetune": FinetuneTrainer, "ga": GradAscentTrainer, "gd": GradDiffTrainer,
+            "npo": NPOTrainer}
+
+
+class _Epochs(TrainerCallback):
+    """Per epoch: wall time and mean step loss and forget NLL, as a line and in ``epochs``;
+    stops at finetune's stop loss."""
+
+    def __init__(self, log):
+        self.log, self.epochs = log, []
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.t0, self.first = time.perf_counter(), len(state.log_history)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        steps = [e for e in state.log_history[self.first:] if "loss" in e]
+        ep = {"epoch": len(self.epochs) + 1, "wall_s": round(time.perf_counter() - self.t0, 3),
+              **{k: sum(e[k] for e in steps) / len(steps) for k in ("loss", "forget_nll")}}
+        self.epochs.append(ep)
+        self.log(f"  epoch {ep['epoch']}/{args.num_train_epochs:g}: loss {ep['loss']:.4f}, "
+                 f"forget NLL {ep['forget_nll']:.4f} ({ep['wall_s']:.1f} s)")
+        if args.stop_loss is not None and ep["loss"] < args.stop_loss \
+                and ep["epoch"] < args.num_train_epochs:
+            self.log(f"  stopping: mean answer NLL {ep['loss']:.4f} < {args.stop_loss}")
+            control.should_training_stop = True
 
 
 def _tokenized(rows: list[dict], source: str, formatter, max_length: int) -> list[dict]:
@@ -99,31 +289,20 @@ def _tokenized(rows: list[dict], source: str, formatter, max_length: int) -> lis
     return out
 
 
-def _batch(rows: list[dict], pad_id: int) -> dict:
-    from uld_vllm.train.dataset import Collator
-
-    b = Collator(pad_id)(rows)
-    b.pop("is_retain")
-    return b
-
-
 def train_full(model_dir: str, out_dir: str | Path, forget_rows: list[dict],
                retain_rows: list[dict] | None, cfg: FullTrainConfig, *,
                overwrite: bool = False, log=print) -> dict:
     """Train ``model_dir`` as ``cfg.method`` says on ``forget_rows`` (for ``finetune``: the
     training rows) and ``retain_rows``; write an HF folder with ``unlearn_log.json`` to
     ``out_dir`` and return that log."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from uld_vllm.baselines.losses import UnlearnLoss
     from uld_vllm.core.adapter import atomic_output_dir
     from uld_vllm.core.models import resolve_model
     from uld_vllm.core.prompts import PromptFormatter
     from uld_vllm.train.dataset import pad_id_of
 
     t_start = time.perf_counter()
-    cfg.validate()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:  # before minutes of work
         raise UldError(f"output folder {out} already exists and is not empty",
@@ -135,128 +314,44 @@ def train_full(model_dir: str, out_dir: str | Path, forget_rows: list[dict],
     model_dir = resolve_model(model_dir, log=log)
     tok = AutoTokenizer.from_pretrained(model_dir)
     formatter = PromptFormatter(tok, cfg.prompt_template)
-    forget = _tokenized(forget_rows, "forget set" if cfg.method != "finetune" else
-                        "training set", formatter, cfg.max_length)
+    finetune = cfg.method == "finetune"
+    forget = _tokenized(forget_rows, "training set" if finetune else "forget set", formatter,
+                        cfg.max_length)
     retain = _tokenized(retain_rows, "retain set", formatter, cfg.max_length) \
         if needs_retain else []
-    pad = pad_id_of(tok)
-
-    torch.manual_seed(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-    def logits_of(rows):
-        b = {k: v.to(device) for k, v in _batch(rows, pad).items()}
-        with autocast:
-            lg = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                       use_cache=False).logits
-        return lg, b["labels"]
-
-    ref_nll = None
-    t_ref = 0.0
-    if cfg.method == "npo":
-        # the reference model is the starting model: its log-probs are constants, so one
-        # pass now replaces a frozen copy of the model and a second forward every step
-        t0 = time.perf_counter()
-        model.eval()
-        vals = []
-        with torch.no_grad():
-            for s in range(0, len(forget), cfg.micro_batch_size):
-                lg, lb = logits_of(forget[s:s + cfg.micro_batch_size])
-                vals.append(UnlearnLoss.sequence_nll(lg, lb).cpu())
-        ref_nll = torch.cat(vals)
-        t_ref = time.perf_counter() - t0
-
-    model.train()
-    steps_per_epoch = math.ceil(len(forget) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.learning_rate)
-    sched = get_scheduler("linear", opt, num_warmup_steps=round(cfg.warmup_epochs *
-                                                                steps_per_epoch),
-                          num_training_steps=total)
-    g = torch.Generator().manual_seed(cfg.seed)
-    steps, epochs = [], []
-    log(f"{cfg.method}: {len(forget)} {'training' if cfg.method == 'finetune' else 'forget'} "
-        f"rows{f', {len(retain)} retain rows' if retain else ''}; {cfg.epochs} epochs x "
-        f"{steps_per_epoch} steps, lr {cfg.learning_rate}, {cfg.precision}")
-    for epoch in range(cfg.epochs):
-        t_epoch = time.perf_counter()
-        order = torch.randperm(len(forget), generator=g).tolist()
-        for s in range(0, len(order), cfg.batch_size):
-            chunk = order[s:s + cfg.batch_size]
-            parts = {"loss": 0.0, "forget_nll": 0.0, "retain_nll": 0.0}
-            for m in range(0, len(chunk), cfg.micro_batch_size):
-                idx = chunk[m:m + cfg.micro_batch_size]
-                w = len(idx) / len(chunk)  # the step's loss is the chunk mean
-                f_logits, f_labels = logits_of([forget[i] for i in idx])
-                r_logits = r_labels = None
-                if retain:
-                    pick = torch.randint(len(retain), (len(idx),), generator=g).tolist()
-                    r_logits, r_labels = logits_of([retain[i] for i in pick])
-                if cfg.method == "finetune":
-                    loss = UnlearnLoss.mean_nll(f_logits, f_labels)
-                elif cfg.method == "ga":
-                    loss = UnlearnLoss.gradient_ascent(f_logits, f_labels)
-                elif cfg.method == "gd" and retain:
-                    loss = UnlearnLoss.gradient_difference(f_logits, f_labels, r_logits,
-                                                           r_labels, gamma=cfg.gamma,
-                                                           alpha=cfg.alpha)
-                elif cfg.method == "gd":  # --alpha 0: the forget term alone
-                    loss = cfg.gamma * UnlearnLoss.gradient_ascent(f_logits, f_labels)
-                else:
-                    loss = UnlearnLoss.npo(f_logits, f_labels, ref_nll[idx].to(device),
-                                           r_logits, r_labels, beta=cfg.beta,
-                                           gamma=cfg.gamma, alpha=cfg.alpha)
-                with torch.no_grad():  # for the log only (a softmax over V, no model pass)
-                    f_nll = UnlearnLoss.mean_nll(f_logits, f_labels)
-                    r_nll = UnlearnLoss.mean_nll(r_logits, r_labels) if retain else None
-                (loss * w).backward()
-                parts["loss"] += float(loss.detach()) * w
-                parts["forget_nll"] += float(f_nll) * w
-                if r_nll is not None:
-                    parts["retain_nll"] += float(r_nll) * w
-            # the norm before clipping is what is logged, as the HF Trainer logs it
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                             cfg.max_grad_norm))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            entry = {"step": len(steps) + 1, "epoch": round(epoch + (s + len(chunk)) /
-                                                            len(order), 4),
-                     "loss": parts["loss"], "forget_nll": parts["forget_nll"],
-                     "learning_rate": sched.get_last_lr()[0], "grad_norm": grad_norm}
-            if retain:
-                entry["retain_nll"] = parts["retain_nll"]
-            steps.append(entry)
-        ep_steps = [e for e in steps if e["epoch"] > epoch]
-        epochs.append({"epoch": epoch + 1, "wall_s": round(time.perf_counter() - t_epoch, 3),
-                       "loss": sum(e["loss"] for e in ep_steps) / len(ep_steps),
-                       "forget_nll": sum(e["forget_nll"] for e in ep_steps) / len(ep_steps)})
-        log(f"  epoch {epoch + 1}/{cfg.epochs}: loss {epochs[-1]['loss']:.4f}, forget NLL "
-            f"{epochs[-1]['forget_nll']:.4f} ({epochs[-1]['wall_s']:.1f} s)")
-        if cfg.stop_loss is not None and epochs[-1]["loss"] < cfg.stop_loss \
-                and epoch + 1 < cfg.epochs:
-            log(f"  stopping: mean answer NLL {epochs[-1]['loss']:.4f} < {cfg.stop_loss}")
-            break
-
-    model.eval()
-    train_log = {"method": cfg.method, "base_model": model_dir, "config": dataclasses.asdict(cfg),
-                 "rows": {"forget": len(forget), "retain": len(retain)},
-                 "prompt_format": formatter.description, "optimizer_steps": len(steps),
-                 "stopped_early": len(epochs) < cfg.epochs,
-                 "npo_reference_s": round(t_ref, 3) if ref_nll is not None else None,
-                 "epochs": epochs, "steps": steps,
-                 "seconds_per_epoch": sum(e["wall_s"] for e in epochs) / len(epochs)}
+    per_epoch = math.ceil(len(forget) / (cfg.per_device_train_batch_size *
+                                         cfg.gradient_accumulation_steps))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    log(f"{cfg.method}: {len(forget)} {'training' if finetune else 'forget'} rows"
+        f"{f', {len(retain)} retain rows' if retain else ''}; {cfg.num_train_epochs:g} epochs x "
+        f"{per_epoch} steps, lr {cfg.learning_rate}, {cfg.precision}")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        args = dataclasses.replace(cfg, output_dir=str(tmp),
+                                   warmup_steps=round(cfg.warmup_epochs * per_epoch))
+        data = ForgetRetainData(forget, retain, pad_id_of(tok))
+        trainer = TRAINERS[cfg.method](model=model, args=args, train_dataset=data,
+                                       data_collator=data.collate)
+        trainer.remove_callback(PrinterCallback)
+        epochs = _Epochs(log)
+        trainer.add_callback(epochs)
+        trainer.train()
         model.save_pretrained(tmp)  # float32: see the module docstring
         tok.save_pretrained(tmp)
-        train_log["wall_s"] = round(time.perf_counter() - t_start, 3)
+        steps = [{k: e[k] for k in ("step", "epoch", "loss", "forget_nll", "retain_nll",
+                                    "learning_rate", "grad_norm") if k in e}
+                 for e in trainer.state.log_history if "loss" in e]
+        train_log = {"method": cfg.method, "base_model": model_dir,
+                     "config": {**args.to_dict(), "output_dir": str(out)},
+                     "rows": {"forget": len(forget), "retain": len(retain)},
+                     "prompt_format": formatter.description,
+                     "optimizer_steps": trainer.state.global_step,
+                     "stopped_early": len(epochs.epochs) < cfg.num_train_epochs,
+                     "npo_reference_s": round(trainer.reference_s, 3)
+                     if cfg.method == "npo" else None,
+                     "epochs": epochs.epochs, "steps": steps,
+                     "seconds_per_epoch": sum(e["wall_s"] for e in epochs.epochs)
+                     / len(epochs.epochs),
+                     "wall_s": round(time.perf_counter() - t_start, 3)}
         (tmp / TRAIN_LOG).write_text(json.dumps(train_log, indent=2) + "\n")
     log(f"wrote {cfg.method} model to {out} ({train_log['wall_s']:.1f} s)")
     return train_log

@@ -238,14 +238,14 @@ class TofuMini:
         c = self.cfg
         finetune = method == "finetune"
         return FullTrainConfig(
-            method=method, epochs=c.target_epochs if finetune else c.unlearn_epochs,
+            method=method, num_train_epochs=c.target_epochs if finetune else c.unlearn_epochs,
             learning_rate=c.target_lr if finetune else c.unlearn_lr,
-            batch_size=c.target_batch_size if finetune else c.batch_size,
-            micro_batch_size=c.micro_batch_size, weight_decay=c.weight_decay,
+            per_device_train_batch_size=c.micro_batch_size,
+            gradient_accumulation_steps=(c.target_batch_size if finetune else c.batch_size)
+            // c.micro_batch_size, weight_decay=c.weight_decay,
             warmup_epochs=c.warmup_epochs, max_length=c.max_length, seed=c.seed,
             precision=self._precision(), beta=c.npo_beta, gamma=c.forget_weight,
-            alpha=c.retain_weight,
-            stop_loss=(c.target_stop_loss or None) if finetune else None).validate()
+            alpha=c.retain_weight, stop_loss=(c.target_stop_loss or None) if finetune else None)
 
     def _eval(self, folder: Path, model: Path, adapter: Path | None = None,
               reference: bool = True) -> dict:
