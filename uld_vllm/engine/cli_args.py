@@ -16,21 +16,26 @@ import sys
 from uld_vllm.errors import UldError
 
 
-def add_uld_args(parser) -> None:
+def add_uld_args(parser, *, mode: bool = True,
+                 adapter_help: str = "ULD adapter folder written by `uld-vllm train`") -> None:
+    """The ULD engine flags: on ``vllm serve`` (all of them) and on the offline jobs (without
+    ``--uld-mode``: eval switches between the modes itself). The only parser of them."""
     # vLLM's --help lists each group's title and first paragraph only; `--help=ULD` shows
     # the flags, so the summary names them
     group = parser.add_argument_group(
-        "ULD", "uld-vllm unlearning: --uld-adapter DIR, --uld-alpha A, --uld-filter-ratio R, "
-        "--uld-mode {generate,score} (`--help=ULD` describes them).\n\nTokens are sampled "
-        "from target - alpha * assistant after the plausibility filter.")
-    group.add_argument("--uld-adapter", default=None, metavar="DIR",
-                       help="ULD adapter folder written by `uld-vllm train`")
+        "ULD", "uld-vllm unlearning: --uld-adapter DIR, --uld-alpha A, --uld-filter-ratio R"
+        + (", --uld-mode {generate,score}" if mode else "") + " (`--help=ULD` describes "
+        "them).\n\nTokens are sampled from target - alpha * assistant after the plausibility "
+        "filter.")
+    group.add_argument("--uld-adapter", default=None, metavar="DIR", help=adapter_help)
     group.add_argument("--uld-alpha", type=float, default=None, metavar="A",
                        help="weight of the assistant's logits; unset: the adapter's alpha. "
                             "A request may set its own (vllm_xargs {\"uld_alpha\": A}; 0: "
                             "the target's own distribution)")
     group.add_argument("--uld-filter-ratio", type=float, default=None, metavar="R",
                        help="plausibility-filter ratio in [0, 1); unset: the adapter's")
+    if not mode:
+        return
     group.add_argument("--uld-mode", choices=["generate", "score"], default=None,
                        help="'score' keeps the target's logit on filtered-out tokens (TOFU "
                             "scoring through prompt_logprobs); 'generate' masks them. A "

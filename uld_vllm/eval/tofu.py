@@ -151,60 +151,71 @@ def _compare(specs: list[str]) -> dict[str, dict]:
 
 
 def run_tofu(a: argparse.Namespace) -> None:
+    """`uld-vllm eval tofu`: the parsed flags to ``tofu_eval``."""
+    tofu_eval(engine_spec(a), a.output, data_dir=a.data_dir, forget_split=a.forget_split,
+              retain_reference=a.retain_reference, openunlearning_out=a.openunlearning_out,
+              max_examples=a.max_examples, max_new_tokens=a.max_new_tokens,
+              prompt_template=a.prompt_template, compare=a.compare, overwrite=a.overwrite,
+              replicas=a.replicas, progress=a.progress)
+
+
+def tofu_eval(spec: EngineSpec, output, *, data_dir=None, forget_split: str = "forget10",
+              retain_reference=None, openunlearning_out=None, max_examples: int = 300,
+              max_new_tokens: int = 200, prompt_template: str | None = None,
+              compare=(), overwrite: bool = False, replicas: int = 1, progress: bool = True,
+              log=print) -> dict:
+    """TOFU's metrics for the engine ``spec`` builds, written to ``output``; returns the
+    summary. Every argument is the flag of the same name."""
     from transformers import AutoTokenizer
 
-    from uld_vllm.core.adapter import atomic_output_dir
+    from uld_vllm.core.adapter import atomic_output_dir, load_adapter
     from uld_vllm.core.prompts import PromptFormatter
 
-    if a.max_new_tokens < 1:
+    if max_new_tokens < 1:
         raise UldError("--max-new-tokens must be at least 1", "pass a positive number")
-    out = Path(a.output)
-    if out.exists() and any(out.iterdir()) and not a.overwrite:  # before minutes of work
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not overwrite:  # before minutes of work
         raise UldError(f"output folder {out} already exists and is not empty",
                        "choose another --output or pass --overwrite")
     from uld_vllm.eval import openunlearning as OU
 
-    ou_out = Path(a.openunlearning_out) if a.openunlearning_out else None
-    if ou_out is not None and not a.overwrite and any(
+    ou_out = Path(openunlearning_out) if openunlearning_out else None
+    if ou_out is not None and not overwrite and any(
             (ou_out / f).exists() for f in (OU.EVAL_FILE, OU.SUMMARY_FILE)):
         raise UldError(f"{ou_out} already holds OpenUnlearning result files",
                        "choose another --openunlearning-out or pass --overwrite")
-    ou_reference = bool(a.retain_reference) and OU.is_openunlearning(a.retain_reference)
-    reference = M.load_log_dir(a.retain_reference) \
-        if a.retain_reference and not ou_reference else None
-    compare = _compare(a.compare)
-    sets, sources = load_sets(a.forget_split, a.data_dir, a.max_examples or None)
+    ou_reference = bool(retain_reference) and OU.is_openunlearning(retain_reference)
+    reference = M.load_log_dir(retain_reference) \
+        if retain_reference and not ou_reference else None
+    compare = _compare(compare)
+    sets, sources = load_sets(forget_split, data_dir, max_examples or None)
     if ou_reference:
-        reference = OU.load_reference(a.retain_reference,
-                                      [ex.question for ex in sets[M.FORGET]])
-    spec = engine_spec(a)
-    tok = AutoTokenizer.from_pretrained(a.model, revision=a.revision,
-                                        trust_remote_code=a.trust_remote_code)
-    formatter = PromptFormatter(tok, a.prompt_template)
+        reference = OU.load_reference(retain_reference, [ex.question for ex in sets[M.FORGET]])
+    kw = spec.vllm_kwargs
+    tok = AutoTokenizer.from_pretrained(spec.model, revision=kw.get("revision"),
+                                        trust_remote_code=kw.get("trust_remote_code", False))
+    formatter = PromptFormatter(tok, prompt_template)
     if reference is not None:  # now, not after minutes of scoring and generation
         stub = {"avg_gt_loss": [0.0] * len(sets[M.FORGET]),
                 "generated_text": [[formatter.prompt_text(ex.question), "", ex.answer]
                                    for ex in sets[M.FORGET]]}
         M.reference_for(stub, reference[M.FORGET])
-    logs, timings = evaluate(spec, sets, formatter, max_new_tokens=a.max_new_tokens,
-                             replicas=a.replicas, progress=a.progress)
+    logs, timings = evaluate(spec, sets, formatter, max_new_tokens=max_new_tokens,
+                             replicas=replicas, progress=progress)
     metrics = M.aggregate(logs, reference)
-    name = "ULD" if a.uld_adapter else "target"
-    warning = None
-    if a.uld_adapter:
-        from uld_vllm.core.adapter import load_adapter
-
-        warning = load_adapter(a.uld_adapter).config.warning
+    name = "ULD" if spec.uld_adapter else "target"
+    warning = load_adapter(spec.uld_adapter).config.warning if spec.uld_adapter else None
     summary = {
-        "run": name, "model": a.model, "uld_adapter": a.uld_adapter, "uld_alpha": a.uld_alpha,
-        "uld_filter_ratio": a.uld_filter_ratio, "forget_split": a.forget_split,
-        "max_examples": a.max_examples, "examples": {k: len(v) for k, v in sets.items()},
-        "sources": sources, "retain_reference": a.retain_reference,
-        "prompt_format": formatter.description, "max_new_tokens": a.max_new_tokens,
-        "replicas": a.replicas, "engine": spec.vllm_kwargs, "timings": timings,
+        "run": name, "model": spec.model, "uld_adapter": spec.uld_adapter,
+        "uld_alpha": spec.uld_alpha, "uld_filter_ratio": spec.uld_filter_ratio,
+        "forget_split": forget_split, "max_examples": max_examples,
+        "examples": {k: len(v) for k, v in sets.items()}, "sources": sources,
+        "retain_reference": None if retain_reference is None else str(retain_reference),
+        "prompt_format": formatter.description, "max_new_tokens": max_new_tokens,
+        "replicas": replicas, "engine": spec.vllm_kwargs, "timings": timings,
         "adapter_warning": warning, "metrics": metrics}
     table = M.markdown_table({name: metrics, **compare})
-    with atomic_output_dir(out, overwrite=a.overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
         M.write_log_dir(logs, tmp)
         M.write_summary_csv(metrics, tmp / "aggregated_stat.csv")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -212,11 +223,12 @@ def run_tofu(a: argparse.Namespace) -> None:
         M.plot_summary({name: metrics, **compare}, tmp / "summary.png")
     if ou_out is not None:
         OU.write_openunlearning(logs, ou_out, reference[M.FORGET] if reference else None)
-    print(table)
-    print(f"\n{name}: model utility {metrics['Model Utility']:.4f}" + (
+    log(table)
+    log(f"\n{name}: model utility {metrics['Model Utility']:.4f}" + (
         f", forget quality {metrics['Forget Quality']:.3g}" if reference else
         " (no --retain-reference: forget quality not computed)"))
     if warning:
-        print(f"WARNING: this adapter did not converge in training: {warning}")
-    print(f"eval took {timings['total_s']:.1f} s (engine start {timings['engine_start_s']:.1f} "
-          f"s, then scoring and generation {timings['work_s']:.1f} s); wrote {out}")
+        log(f"WARNING: this adapter did not converge in training: {warning}")
+    log(f"eval took {timings['total_s']:.1f} s (engine start {timings['engine_start_s']:.1f} "
+        f"s, then scoring and generation {timings['work_s']:.1f} s); wrote {out}")
+    return summary

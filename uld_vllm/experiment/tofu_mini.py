@@ -249,25 +249,23 @@ class TofuMini:
 
     def _eval(self, folder: Path, model: Path, adapter: Path | None = None,
               reference: bool = True) -> dict:
-        from uld_vllm.cli.main import build_parser
+        from uld_vllm.eval.tofu import tofu_eval
+        from uld_vllm.jobs.spec import EngineSpec
 
         c = self.cfg
-        argv = ["eval", "tofu", "--model", str(model), "--data-dir",
-                str(Path(c.data_dir) / "tofu"), "--forget-split", c.forget_split,
-                "--max-examples", str(c.max_examples), "--max-new-tokens", str(c.max_new_tokens),
-                "--output", str(folder / "eval"), "--openunlearning-out",
-                str(folder / "openunlearning"), "--dtype", c.eval_dtype, "--max-model-len",
-                str(c.max_model_len), "--enforce-eager", "--no-progress"]
-        if adapter is not None:
-            argv += ["--uld-adapter", str(adapter), "--uld-alpha", str(c.uld_alpha),
-                     "--uld-filter-ratio", str(c.uld_filter_ratio)]
-        if reference:
-            argv += ["--retain-reference", str(self.out / "retain" / "eval")]
-        a = build_parser().parse_args(argv)
+        uld = adapter is not None
+        spec = EngineSpec(str(model), str(adapter) if uld else None,
+                          c.uld_alpha if uld else None, c.uld_filter_ratio if uld else None,
+                          {"dtype": c.eval_dtype, "max_model_len": c.max_model_len,
+                           "enforce_eager": True})
         t0 = time.perf_counter()
         with _engine_on_every_core(self._sub):
-            a.func(a)
-        summary = json.loads((folder / "eval" / "summary.json").read_text())
+            summary = tofu_eval(
+                spec, folder / "eval", data_dir=Path(c.data_dir) / "tofu",
+                forget_split=c.forget_split, max_examples=c.max_examples,
+                max_new_tokens=c.max_new_tokens, openunlearning_out=folder / "openunlearning",
+                retain_reference=self.out / "retain" / "eval" if reference else None,
+                progress=False, log=self._sub)
         return {"eval_s": round(time.perf_counter() - t0, 3), "metrics": summary["metrics"]}
 
     def _data(self, folder: Path) -> dict:

@@ -52,12 +52,10 @@ def add_model_args(parser, adapter_help: str, *, required: bool = True,
                                      "`uld-vllm fetch-model` (e.g. smollm2-135m-instruct)"
                    ) -> None:
     """The target and its optional ULD adapter (generate, eval, bench)."""
+    from uld_vllm.engine.cli_args import add_uld_args
+
     parser.add_argument("--model", required=required, default=None, help=model_help)
-    parser.add_argument("--uld-adapter", default=None, help=adapter_help)
-    parser.add_argument("--uld-alpha", type=float, default=None,
-                        help="default: the adapter's uld_config.json")
-    parser.add_argument("--uld-filter-ratio", type=float, default=None,
-                        help="default: the adapter's uld_config.json")
+    add_uld_args(parser, mode=False, adapter_help=adapter_help)
 
 
 def add_engine_args(parser) -> None:
