@@ -146,3 +146,21 @@ def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(UldError, match="already exists"):
         with atomic_output_dir(out):
             pass
+
+
+def test_an_adapter_is_read_once_until_it_changes(tiny_llama, tmp_path, monkeypatch):
+    from uld_vllm.core import adapter as mod
+    from uld_vllm.dev.tiny import make_random_adapter
+
+    path = tmp_path / "adapter"
+    make_random_adapter(tiny_llama, path, num_layers=1, seed=3)
+    monkeypatch.setattr(mod, "_LOADED", {})
+    reads = []
+    real = mod._read_adapter
+    monkeypatch.setattr(mod, "_read_adapter", lambda p: reads.append(p) or real(p))
+    first = mod.load_adapter(path)
+    assert mod.load_adapter(str(path)).config == first.config and len(reads) == 1
+    reads.clear()
+    # the writer validates what it wrote, which reads the new folder (once) into the cache
+    make_random_adapter(tiny_llama, path, num_layers=2, seed=3, overwrite=True)
+    assert mod.load_adapter(path).config.num_layers == 2 and len(reads) >= 1

@@ -121,12 +121,30 @@ class UldAdapter:
             )
 
 
+# resolved folder -> (its files' names, sizes and mtimes, the adapter read from them)
+_LOADED: dict[Path, tuple[tuple, UldAdapter]] = {}
+
+
 def load_adapter(path: str | os.PathLike) -> UldAdapter:
-    """Read and validate an adapter folder; every problem is a one-line UldError."""
+    """Read and validate an adapter folder; every problem is a one-line UldError.
+
+    Read once per process: the entry point, the worker and the jobs all ask for it, and the
+    weights' keys are checked by reading the file. A folder rewritten since is read again."""
     path = Path(path)
     if not path.is_dir():
         raise UldError(f"ULD adapter folder {path} does not exist", "pass the folder that "
                        "`uld-vllm train` wrote (it holds uld_config.json)")
+    stamp = tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in path.iterdir()
+                         if f.is_file() for st in [f.stat()]))
+    cached = _LOADED.get(path.resolve())
+    if cached is not None and cached[0] == stamp:
+        return dataclasses.replace(cached[1], path=path)
+    adapter = _read_adapter(path)
+    _LOADED[path.resolve()] = (stamp, adapter)
+    return adapter
+
+
+def _read_adapter(path: Path) -> UldAdapter:
     uld = _read_json(path / ULD_CONFIG_NAME, "ULD config")
     fields = {f.name for f in dataclasses.fields(UldConfig)}
     unknown = sorted(set(uld) - fields)
