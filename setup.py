@@ -51,7 +51,8 @@ setup(
         # the Makefile: its own dependencies are an unrelated app and llama-cpp-python)
         "models": ["gguf>=0.10"],
     },
-    package_data={"uld_vllm.demo": ["data/*.jsonl", "data/*.md"]},
+    package_data={"uld_vllm.demo": ["data/*.jsonl", "data/*.md"],
+                  "uld_vllm.eval": ["audit_probes.yaml"]},
     entry_points={
         "console_scripts": ["uld-vllm = uld_vllm.cli.main:main"],
         "vllm.general_plugins": ["uld = uld_vllm.engine.plugin:register"],
