@@ -1,6 +1,9 @@
-"""`uld-vllm audit`: the leak detectors, the plan, the numbers and the report (no engine)."""
+"""`uld-vllm audit`: the leak detectors, the plan, the numbers and the report (no engine), the
+command line's bad input, and the whole audit on the tiny model offline and over HTTP."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -26,6 +29,8 @@ FORGET = [
 GENERAL = [{"question": "Where is the Eiffel Tower?", "answer": "Paris"},
            {"question": "Who wrote War and Peace?", "answer": "Leo Tolstoy"},
            {"question": "What is the largest planet?", "answer": "Jupiter"}]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "assistant:")
 
 
 # --- detectors --------------------------------------------------------------------------
@@ -288,3 +293,144 @@ def test_a_failing_report_leaves_no_folder(tmp_path, monkeypatch):
         scripted_audit(tmp_path, refuse=lambda extra: True)
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- command line: bad input is one line, exit 2, before any engine ---------------------
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "uld_vllm.cli", "audit", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    return {"forget": write_jsonl(tmp_path / "f.jsonl", FORGET),
+            "general": write_jsonl(tmp_path / "g.jsonl", GENERAL),
+            "out": str(tmp_path / "out")}
+
+
+def one_error_line(r, *words):
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("uld-vllm: error: "), r.stderr[-2000:]
+    for w in words:
+        assert w in lines[0]
+
+
+def test_cli_unreachable_url(files):
+    from engine_helpers import free_port
+
+    r = cli("--url", f"http://127.0.0.1:{free_port()}", "--forget", files["forget"],
+            "--general", files["general"], "--output", files["out"])
+    one_error_line(r, "cannot reach the server", "--url")
+
+
+def test_cli_forget_file_without_the_needed_fields(files, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "response": "y"}])
+    r = cli("--url", "http://127.0.0.1:9", "--forget", bad, "--general", files["general"],
+            "--output", files["out"])
+    one_error_line(r, "row 1", "`question` and `answer`")
+
+
+def test_cli_unknown_probe(files):
+    r = cli("--model", "m", "--uld-adapter", "a", "--forget", files["forget"], "--general",
+            files["general"], "--output", files["out"], "--probes", "greedy,mind_reading")
+    one_error_line(r, "unknown probe 'mind_reading'", "pick from")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "m"], ["--model needs --uld-adapter"]),
+    (["--url", "http://x", "--model", "m"], ["either --url"]),
+    (["--target-url", "http://x", "--model", "m", "--uld-adapter", "a"], ["--target-url needs"]),
+])
+def test_cli_source_flags(files, args, words):
+    r = cli(*args, "--forget", files["forget"], "--general", files["general"], "--output",
+            files["out"])
+    one_error_line(r, *words)
+
+
+def test_cli_existing_output_and_missing_adapter(files, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    r = cli("--model", "m", "--uld-adapter", "a", "--forget", files["forget"], "--general",
+            files["general"], "--output", files["out"])
+    one_error_line(r, "already exists")
+    r = cli("--model", str(tmp_path), "--uld-adapter", str(tmp_path / "nope"), "--forget",
+            files["forget"], "--general", files["general"], "--output", str(tmp_path / "o2"))
+    one_error_line(r, "does not exist")
+    assert not (tmp_path / "o2").exists()
+
+
+# --- the whole audit on engines -------------------------------------------------------
+
+def assert_full_report(s, *, target: bool):
+    assert set(s) == {"audit_version", "questions", "settings", "sources", "forget", "general",
+                      "bypass", "wall_s"}
+    assert set(s["forget"]) == {"greedy", "sampled", "paraphrase", "language", "json",
+                                "spelled", "multiple_choice", "multi_turn", "complete"}
+    for name, by in s["forget"].items():
+        assert (by["target"] is not None) == target, name
+        assert by["uld"]["questions"] >= 1
+    assert s["forget"]["sampled"]["uld"]["answers"] == 2 * len(FORGET)  # k = 2 below
+    assert s["general"]["uld"]["accuracy"] is not None
+    assert (s["general"]["target"] is not None) == target
+    b = s["bypass"]
+    assert b["attempted"] == 8 and b["questions"] == 2
+    by_name = {a["name"]: a for a in b["attempts"]}
+    # refused today by the per-request argument check itself, whatever the policy
+    for name in ("alpha_negative", "alpha_string", "bogus_key"):
+        assert by_name[name]["status"] == "refused" and by_name[name]["refused"] == 2, name
+    assert b["refused"] == sum(a["status"] == "refused" for a in b["attempts"])
+    assert b["through"] == [a["name"] for a in b["attempts"] if a["status"] != "refused"]
+    return by_name
+
+
+@pytest.mark.engine
+def test_offline_audit_on_the_tiny_model(tiny_llama, llama_adapter, tmp_path, files):
+    """The CLI path in this process (conftest keeps engines in-process): a plain vLLM target,
+    then uld_vllm.LLM with the request policy where it exists."""
+    from uld_vllm.cli.main import main
+
+    tpl = tmp_path / "chat.jinja"
+    tpl.write_text(CHAT_TEMPLATE)
+    rc = main(["audit", "--model", str(tiny_llama), "--uld-adapter", str(llama_adapter),
+               "--chat-template", str(tpl), "--forget", files["forget"], "--general",
+               files["general"], "--output", files["out"], "--k", "2", "--max-tokens", "8",
+               "--bypass-questions", "2", "--dtype", "float32", "--max-model-len", "512",
+               "--no-progress"])
+    assert rc == 0
+    s = json.loads((tmp_path / "out" / "audit.json").read_text())
+    by_name = assert_full_report(s, target=True)
+    if s["bypass"]["policy"] is None:
+        # no policy in this uld_vllm.LLM: alpha 0 is served, and the audit must say so
+        assert by_name["alpha_zero"]["status"] == "through"
+        assert "alpha_zero" in s["bypass"]["through"]
+    else:
+        assert s["bypass"]["through"] == [], s["bypass"]["through"]
+    rows = [json.loads(x) for x in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert {r["side"] for r in rows} == {"target", "uld"}
+
+
+@pytest.mark.engine
+def test_audit_against_a_running_server(tiny_llama, llama_adapter, tmp_path):
+    from engine_helpers import running_server
+
+    tpl = tmp_path / "chat.jinja"
+    tpl.write_text(CHAT_TEMPLATE)
+    with running_server(str(tiny_llama), "--uld-adapter", str(llama_adapter), "--dtype",
+                        "float32", "--max-model-len", "512", "--enforce-eager",
+                        "--chat-template", str(tpl), "--served-model-name", "tiny-uld",
+                        log=tmp_path / "server.log") as base:
+        s = A.run_audit(FORGET, GENERAL, uld=base, output=tmp_path / "out",
+                        settings=A.Settings(k=2, max_tokens=8, bypass_questions=2),
+                        progress=False, log=lambda m: None)
+    assert_full_report(s, target=False)
+    assert s["sources"]["uld"] == f"server {base} (tiny-uld)"
+    refused = [a for a in s["bypass"]["attempts"] if a["status"] == "refused"]
+    assert all("uld_" in a["message"] for a in refused)  # the server's 400 text
+    assert (tmp_path / "out" / "audit.png").stat().st_size > 0

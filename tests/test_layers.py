@@ -13,7 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "uld_vllm"
 
 # what must work without vLLM (training and the reference decoder run without an engine)
 PURE = ["uld_vllm.core", "uld_vllm.train", "uld_vllm.dev", "uld_vllm.eval.metrics",
-        "uld_vllm.eval.tofu_data", "uld_vllm.errors"]
+        "uld_vllm.eval.tofu_data", "uld_vllm.eval.leaks", "uld_vllm.eval.audit",
+        "uld_vllm.eval.audit_report", "uld_vllm.errors"]
 
 
 def _modules(prefix: str = "uld_vllm") -> list[str]:

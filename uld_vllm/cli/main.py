@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", add_help=False,
                    help="benchmarks: `bench throughput ...`, `bench serving ...` (--help each)")
     _add_eval(sub)
+    from uld_vllm.eval.audit import add_audit_parser
+
+    add_audit_parser(sub)
     from uld_vllm.baselines.cli import add_baseline_parser
     from uld_vllm.experiment.tofu_mini import add_experiment_parser
 
