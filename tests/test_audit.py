@@ -434,3 +434,31 @@ def test_audit_against_a_running_server(tiny_llama, llama_adapter, tmp_path):
     refused = [a for a in s["bypass"]["attempts"] if a["status"] == "refused"]
     assert all("uld_" in a["message"] for a in refused)  # the server's 400 text
     assert (tmp_path / "out" / "audit.png").stat().st_size > 0
+
+
+@pytest.mark.engine
+def test_collect_with_engines_the_caller_holds(tiny_llama, llama_adapter):
+    """The demo's way: its own vLLM engines, its greedy answers handed over."""
+    import vllm
+    from engine_helpers import ENGINE_KW, shutdown
+
+    from uld_vllm.eval.audit_backends import build_uld_engine
+
+    target = vllm.LLM(str(tiny_llama), **ENGINE_KW)
+    uld, policy = build_uld_engine(str(tiny_llama), str(llama_adapter), **ENGINE_KW)
+    try:
+        given = {FORGET[0]["question"]: "Hedwig, surely."}
+        p = A.make_plan(FORGET, GENERAL, probes=["greedy", "multiple_choice", "bypass"],
+                        settings=A.Settings(max_tokens=6, bypass_questions=1))
+        kw = {"chat_template": CHAT_TEMPLATE, "progress": False, "log": lambda m: None}
+        t = A.collect(p, target, "target", answered=given, **kw)
+        u = A.collect(p, uld, "uld", policy=policy, **kw)
+    finally:
+        shutdown(target)
+        shutdown(uld)
+    s = A.summarise(p, t, u)
+    assert t["reused"] == 1 and t["answers"][0] == ["Hedwig, surely."]
+    assert s["forget"]["greedy"]["target"]["keyword_leak"] == 0.2  # the given answer leaks
+    assert s["sources"]["target"].startswith("vLLM engine: ")
+    assert s["sources"]["uld"].startswith("uld_vllm engine: ")
+    assert s["bypass"]["policy"] == policy and s["bypass"]["attempted"] == 8

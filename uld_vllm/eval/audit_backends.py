@@ -48,6 +48,14 @@ def refusals() -> tuple[type, ...]:
                                  if hasattr(vllm.exceptions, n))
 
 
+def _engine_name(llm) -> str:
+    config = llm.llm_engine.vllm_config
+    uld = (config.additional_config or {}).get("uld")
+    if uld:
+        return f"uld_vllm engine: {config.model_config.model} + {uld.get('adapter')}"
+    return f"vLLM engine: {config.model_config.model}"
+
+
 class EngineBackend:
     """A built vLLM ``LLM`` (plain or ULD); the caller owns it (``close`` leaves it running)."""
 
@@ -55,7 +63,7 @@ class EngineBackend:
                  policy: str | None = None, source: str | None = None):
         self.llm, self.chat_template, self.progress = llm, chat_template, progress
         self.policy = policy
-        self.source = source or f"vLLM engine: {llm.llm_engine.vllm_config.model_config.model}"
+        self.source = source or _engine_name(llm)
 
     def check(self) -> None:
         tok = self.llm.get_tokenizer()
