@@ -50,32 +50,39 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = _Parser(prog="uld-vllm bench", description=__doc__.split("\n\n")[0].split(": ")[1],
                 epilog=__doc__.split("\n\n", 1)[1],
+                usage="%(prog)s --model M --uld-adapter DIR --out DIR [options] [-- VLLM_ARGS]",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="target: folder, hub id or `uld-vllm fetch-model` short name")
     p.add_argument("--uld-adapter", required=True, metavar="DIR")
     p.add_argument("--uld-alpha", type=float, default=None, help="default: the adapter's")
     p.add_argument("--uld-filter-ratio", type=float, default=None, help="default: the adapter's")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--input-len", type=int, default=50, help="random workload's prompt tokens")
-    p.add_argument("--output-len", type=int, default=64, help="tokens generated per prompt")
-    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="of every system (default: float32)")
+    p.add_argument("--input-len", type=int, default=50,
+                   help="random workload's prompt tokens (default: 50)")
+    p.add_argument("--output-len", type=int, default=64,
+                   help="tokens generated per prompt (default: 64)")
+    p.add_argument("--num-prompts", type=int, default=32, help="per workload (default: 32)")
     p.add_argument("--num-warmups", type=int, default=2,
-                   help="requests each run sends before it measures")
+                   help="requests each run sends before it measures (default: 2)")
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="serve: requests in flight at most (default: all at once)")
-    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS),
+                   help="default: both")
     p.add_argument("--tofu-dir", default=None, help="folder with TOFU's full.jsonl "
                    "(default: ../shared/data/tofu beside the checkout)")
     p.add_argument("--skip", nargs="+", choices=STAGES, default=[])
-    p.add_argument("--reference-batch", type=int, default=4)
+    p.add_argument("--reference-batch", type=int, default=4, help="(default: 4)")
     p.add_argument("--reference-prompts", type=int, default=16,
-                   help="the reference decodes the first N prompts (its tokens/s is a rate)")
+                   help="the reference decodes the first N prompts (its tokens/s is a rate; "
+                        "default: 16)")
     p.add_argument("--reference-threads", type=int,
                    default=max(1, len(os.sched_getaffinity(0)) - 1),
                    help="torch threads of the reference on CPU (default: what vLLM's CPU "
                         "worker takes, every core but the one it keeps for its scheduler)")
-    p.add_argument("--startup-timeout", type=float, default=600, help="seconds per server")
+    p.add_argument("--startup-timeout", type=float, default=600,
+                   help="seconds per server (default: 600)")
     p.add_argument("--out", required=True, help="results folder")
     a = p.parse_args(argv)
     for name in ("input_len", "output_len", "num_prompts", "reference_batch",
