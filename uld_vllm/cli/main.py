@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", add_help=False,
                    help="`vllm serve MODEL --uld-adapter DIR ...` (every vllm serve flag works)")
     sub.add_parser("bench", add_help=False,
-                   help="benchmarks: `bench throughput ...`, `bench serving ...` (--help each)")
+                   help="plain vLLM vs ULD through `vllm bench throughput/serve`, and vs "
+                        "the reference decoder (`bench --help`)")
     _add_eval(sub)
     from uld_vllm.eval.audit import add_audit_parser
 
