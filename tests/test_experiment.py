@@ -57,7 +57,7 @@ def test_every_stage_writes_its_files(experiment):
                                                                            "npo"]
     for stage in STAGES:
         done = json.loads((out / stage / DONE).read_text())
-        assert done["stage"] == stage and done["fingerprint"] == meta["fingerprint"]
+        assert done["stage"] == stage and len(done["fingerprint"]) == 16
         assert done["wall_s"] >= 0 and done["finished_utc"]
     data = json.loads((out / "data" / DONE).read_text())["result"]
     assert data == {"forget_rows": 4, "retain_rows": 20, "retain_source": "full.jsonl rows 0-19"}
@@ -167,14 +167,21 @@ def _one_line_error(capsys, needle):
 
 
 @pytest.mark.engine
-def test_an_out_folder_of_another_configuration_is_refused(experiment, tiny_llama, shared_data,
-                                                          capsys):
+def test_another_uld_option_redoes_only_the_uld_stage_and_the_report(experiment, tiny_llama,
+                                                                     shared_data, capsys):
     out, _ = experiment
-    before = sorted(p.name for p in out.iterdir())
+    before = {s: (out / s / DONE).read_text() for s in STAGES}
     capsys.readouterr()
-    assert main(_argv(tiny_llama, shared_data, out, "--seed", "7")) == 2
-    _one_line_error(capsys, "another configuration (differs in seed)")
-    assert sorted(p.name for p in out.iterdir()) == before
+    assert main(_argv(tiny_llama, shared_data, out, "--uld-alpha", "0.5")) == 0
+    log = capsys.readouterr().out
+    assert "differs in uld_alpha" in log
+    redone = {s for s in STAGES if (out / s / DONE).read_text() != before[s]}
+    assert redone == {"uld", "report"}
+    cfg = json.loads((out / "uld" / "eval" / "summary.json").read_text())
+    assert cfg["uld_alpha"] == 0.5
+    # back to the first configuration: the ULD stage is redone again, the rest reused
+    assert main(_argv(tiny_llama, shared_data, out)) == 0
+    assert json.loads((out / "uld" / "eval" / "summary.json").read_text())["uld_alpha"] != 0.5
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -1,8 +1,11 @@
 """`uld-vllm experiment tofu-mini --out DIR`: TOFU's forget01 protocol in miniature, one command.
 
 Stages, each in its own subfolder of ``--out`` with a ``.done`` marker (written last, holding
-the configuration fingerprint, the stage's wall time and its result), so a rerun skips every
-finished stage and redoes an unfinished one from scratch:
+the stage's fingerprint, its wall time and its result), so a rerun skips every finished stage
+and redoes an unfinished one from scratch. A stage's fingerprint covers only the options it
+depends on (``STAGE_FIELDS``) and the stages it builds on, so a rerun with, say, another ULD
+learning rate redoes the ULD stage and the report and reuses the fine-tuned target and retain
+model:
 
 1. ``data``: the forget split's rows and the retain authors' rows as JSONL (the retain authors
    are the first ``--retain-authors`` x 20 rows of TOFU's ``full.jsonl``, which are the authors
@@ -62,6 +65,29 @@ from uld_vllm.errors import UldError
 
 STAGES = ("data", "target", "retain", "uld", "ga", "gd", "npo", "report")
 METHODS = ("uld", "ga", "gd", "npo")
+# the options each stage reads (beside what every stage reads: _COMMON), and the stages whose
+# output it builds on; the report reads everything
+_COMMON = ("model", "data_dir", "forget_split", "retain_authors", "max_forget_rows", "seed",
+           "precision")
+_EVAL = ("max_examples", "max_new_tokens", "eval_dtype", "max_model_len")
+_FINETUNE = ("target_epochs", "target_lr", "target_batch_size", "target_stop_loss",
+             "micro_batch_size", "weight_decay", "warmup_epochs", "max_length")
+_UNLEARN = ("unlearn_epochs", "unlearn_lr", "batch_size", "micro_batch_size", "weight_decay",
+            "warmup_epochs", "max_length", "npo_beta", "retain_weight", "forget_weight")
+STAGE_FIELDS = {
+    "data": (), "target": _FINETUNE + _EVAL, "retain": _FINETUNE + _EVAL,
+    "uld": ("uld_num_layers", "uld_epochs", "uld_lr", "uld_batch_size", "uld_micro_batch_size",
+            "uld_alpha", "uld_filter_ratio", "max_length") + _EVAL,
+    **{m: _UNLEARN + _EVAL for m in ("ga", "gd", "npo")},
+}
+STAGE_DEPS = {"target": ("data",), "retain": ("data",),
+              **{m: ("data", "target", "retain") for m in METHODS}}
+
+
+def _fields_of(stage: str) -> tuple:
+    if stage == "report":  # everything (a stage's own result, the methods listed)
+        return tuple(f.name for f in dataclasses.fields(TofuMiniConfig))
+    return _COMMON + STAGE_FIELDS[stage]
 DONE = ".done"
 EXPERIMENT_FILE = "experiment.json"
 ROWS_PER_AUTHOR = 20
@@ -113,8 +139,15 @@ class TofuMiniConfig:
         d["methods"] = list(self.methods)
         return d
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    def fingerprint(self, stage: str | None = None) -> str:
+        """Of the whole configuration, or of what ``stage`` depends on (``STAGE_FIELDS``,
+        and the stages before it that it reads)."""
+        d = self.to_dict()
+        if stage is not None:
+            deps = STAGE_DEPS.get(stage, ())
+            d = {"stage": stage, **{k: d[k] for k in _fields_of(stage)},
+                 "after": [self.fingerprint(s) for s in deps]}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> TofuMiniConfig:
         from uld_vllm.eval.tofu_data import FORGET_SPLITS
@@ -181,7 +214,8 @@ class TofuMini:
 
     # ------------------------------------------------------------------ bookkeeping
     def _claim(self) -> None:
-        """Refuse an ``--out`` holding another configuration's run, or unrelated files."""
+        """Take ``--out``: refuse unrelated files; a run of another configuration is continued
+        (its stages whose options changed are redone, and the log says which options)."""
         if self.out.exists() and not self.out.is_dir():
             raise UldError(f"--out {self.out} is a file", "pass a folder")
         meta = self.out / EXPERIMENT_FILE
@@ -192,13 +226,13 @@ class TofuMini:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UldError(f"{meta} is not a tofu-mini experiment file", _FIX_CONFIG) \
                     from None
-            if old_fp != self.fp:
-                new = self.cfg.to_dict()
-                diff = sorted(k for k in set(old_cfg) | set(new) if old_cfg.get(k) != new.get(k))
-                raise UldError(f"--out {self.out} holds a tofu-mini run of another configuration "
-                               f"(differs in {', '.join(diff) or 'version'})", _FIX_CONFIG)
-            return
-        if self.out.is_dir() and any(self.out.iterdir()):
+            if old_fp == self.fp:
+                return
+            new = self.cfg.to_dict()
+            diff = sorted(k for k in set(old_cfg) | set(new) if old_cfg.get(k) != new.get(k))
+            self.log(f"--out {self.out} holds a run that differs in {', '.join(diff)}: the "
+                     "stages that depend on them are redone")
+        elif self.out.is_dir() and any(self.out.iterdir()):
             raise UldError(f"--out {self.out} is not empty and holds no {EXPERIMENT_FILE}",
                            "pass a new or empty folder")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -208,9 +242,10 @@ class TofuMini:
     def _stage(self, name: str, fn) -> dict:
         folder = self.out / name
         marker = folder / DONE
+        fp = self.cfg.fingerprint(name)
         if marker.is_file():
             done = json.loads(marker.read_text())
-            if done.get("fingerprint") == self.fp:
+            if done.get("fingerprint") == fp:
                 self.log(f"[{name}] finished earlier ({done['wall_s']:.1f} s): skipped")
                 return done
         if folder.exists():  # an interrupted attempt: its files cannot be trusted
@@ -219,7 +254,7 @@ class TofuMini:
         self.log(f"[{name}] started")
         t0 = time.perf_counter()
         result = fn(folder)
-        done = {"stage": name, "fingerprint": self.fp, "wall_s": round(time.perf_counter() - t0, 3),
+        done = {"stage": name, "fingerprint": fp, "wall_s": round(time.perf_counter() - t0, 3),
                 "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"), "result": result}
         marker.write_text(json.dumps(done, indent=2) + "\n")  # last: the stage counts as done
