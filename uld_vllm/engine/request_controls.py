@@ -83,12 +83,6 @@ def check_policy(extra_args: dict | None, settings) -> None:
         if asked is None:
             continue
         served = getattr(settings, served_field(key))
-        bounds = getattr(settings, RANGES[key]) if key in RANGES else None
-        if bounds is not None and not bounds[0] <= float(asked) <= bounds[1]:
-            flag = "--uld-" + RANGES[key].replace("_", "-")
-            raise ValueError(f"{key} {_show(asked)} is outside this engine's allowed range "
-                             f"[{_show(bounds[0])}, {_show(bounds[1])}] ({flag}): send a "
-                             f"value in it or leave {key} out")
         weaker = weakens(key, asked, served)
         if policy == "fixed" and asked != served:
             allowing = "any" if weaker else "strengthen"
@@ -108,6 +102,14 @@ def check_policy(extra_args: dict | None, settings) -> None:
             raise ValueError(f"{problem}, and this engine's request policy 'strengthen' "
                              f"refuses it: {fix} (the operator allows it with {POLICY_FLAG} "
                              "any)")
+        # after the policy, whose refusal says more (a weaker value is outside a range that
+        # holds the served one as well)
+        bounds = getattr(settings, RANGES[key]) if key in RANGES else None
+        if bounds is not None and not bounds[0] <= float(asked) <= bounds[1]:
+            flag = "--uld-" + RANGES[key].replace("_", "-")
+            raise ValueError(f"{key} {_show(asked)} is outside this engine's allowed range "
+                             f"[{_show(bounds[0])}, {_show(bounds[1])}] ({flag}): send a "
+                             f"value in it or leave {key} out")
 
 
 def policy_rules(settings) -> dict[str, str]:
