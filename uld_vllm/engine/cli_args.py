@@ -26,10 +26,11 @@ def add_uld_args(parser, *, mode: bool = True,
     # the flags, so the summary names them
     group = parser.add_argument_group(
         "ULD", "uld-vllm unlearning: --uld-adapter DIR, --uld-alpha A, --uld-filter-ratio R"
-        + (", --uld-mode {generate,score}" if mode else "") + " (`--help=ULD` describes "
+        + (", --uld-mode {generate,score}, --uld-request-policy {fixed,strengthen,any}, "
+           "--uld-alpha-range MIN,MAX" if mode else "") + " (`--help=ULD` describes "
         "them).\n\nTokens are sampled from target - alpha * assistant after the plausibility "
-        "filter." + (" --uld-request-policy {fixed,strengthen,any} and --uld-alpha-range "
-                     "MIN,MAX bound what requests may change." if mode else ""))
+        "filter." + (" The request policy bounds what a request's uld_* keys may change."
+                     if mode else ""))
     group.add_argument("--uld-adapter", default=None, metavar="DIR", help=adapter_help)
     group.add_argument("--uld-alpha", type=float, default=None, metavar="A",
                        help="weight of the assistant's logits; unset: the adapter's alpha. "
