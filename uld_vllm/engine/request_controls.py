@@ -2,8 +2,9 @@
 
 Where the values travel (vLLM V1 model runner):
 
-* the frontend (API server or ``LLM``) runs ``UldRequestControls.validate_params`` at request
-  admission, so a bad value is refused (HTTP 400 online) before it reaches the engine;
+* the frontend (API server or ``LLM``) runs ``UldRequestControls.validate_params`` and the
+  engine's request policy (``check_policy``) at request admission, so a bad or disallowed
+  value is refused (HTTP 400 online) before it reaches the engine;
 * in the worker, ``_update_states`` hands every logits processor the batch changes (rows added
   with their ``SamplingParams``, removed, moved) *before* the forward; ``UldRequestControls``
   keeps the per-row values in a ``RowControls`` that the ULD model's ``compute_logits`` reads.
