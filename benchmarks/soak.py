@@ -139,8 +139,9 @@ def main(argv: list[str]) -> int:
     from uld_vllm.bench.server import serving
 
     reqs = plan(a.requests, a.cut_fraction, a.bad_fraction)
-    with serving([a.model, "--uld-adapter", a.adapter, "--served-model-name", "soak", *extra],
-                 a.log) as base:
+    # the load mixes alphas below the served one, which the default request policy refuses
+    with serving([a.model, "--uld-adapter", a.adapter, "--served-model-name", "soak",
+                  "--uld-request-policy", "any", *extra], a.log) as base:
         t0 = time.perf_counter()
         recs = asyncio.run(drive(base, "soak", reqs, a.max_tokens, a.concurrency))
         wall = time.perf_counter() - t0

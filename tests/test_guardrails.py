@@ -117,6 +117,27 @@ def test_serve_refuses_enable_lora_with_one_line(tiny_llama, llama_adapter):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("args, env, words", [
+    ([], {"VLLM_USE_V2_MODEL_RUNNER": "1"}, "VLLM_USE_V2_MODEL_RUNNER=1"),
+    ([], {"VLLM_SERVER_DEV_MODE": "1"}, "VLLM_SERVER_DEV_MODE=1"),
+    (["--uld-request-policy", "open"], {}, "--uld-request-policy 'open' is unknown"),
+    (["--uld-alpha-range", "2,1"], {}, "MIN > MAX"),
+])
+def test_serve_refuses_ways_around_the_policy_with_one_line(tiny_llama, llama_adapter, args,
+                                                            env, words):
+    """The V2 runner would skip the per-request controls; the dev endpoints reach the
+    worker (/collective_rpc); a bad policy must not fall back to an open one."""
+    r = subprocess.run([sys.executable, "-m", "uld_vllm.cli", "serve", str(tiny_llama),
+                        "--uld-adapter", str(llama_adapter), *args],
+                       capture_output=True, text=True, timeout=240,
+                       env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **env))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("uld-vllm: error:")]
+    assert len(lines) == 1 and words in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
 HELP = """
 import contextlib, io, sys
 from uld_vllm.cli.main import serve
@@ -136,7 +157,8 @@ def test_serve_help_lists_the_uld_flags():
     parts = dict(p.split("\n", 1) for p in r.stderr.split("=====")[1:])
     short, group = parts["--help"], parts["--help=ULD"]
     assert "ULD" in short and "--help=ULD" in short
-    flags = ("--uld-adapter", "--uld-alpha", "--uld-filter-ratio", "--uld-mode")
+    flags = ("--uld-adapter", "--uld-alpha", "--uld-filter-ratio", "--uld-mode",
+             "--uld-request-policy", "--uld-alpha-range")
     for flag in flags:
         assert flag in short, short[-1500:]
         assert re.search(rf"^\s+{flag}\b", group, re.M), group[-1500:]

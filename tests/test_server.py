@@ -22,8 +22,11 @@ def server(tiny_llama, llama_adapter, tmp_path_factory):
     tpl = tmp_path_factory.mktemp("tpl") / "chat.jinja"
     tpl.write_text(CHAT_TEMPLATE)
     log = tmp_path_factory.mktemp("log") / "server.log"
+    # clients get full control here (per-request alpha 0, the soak's mixed alphas); the
+    # default policy is tests/test_server_policy.py's
     with running_server(str(tiny_llama), "--uld-adapter", str(llama_adapter), "--uld-alpha",
-                        "0.8", "--uld-filter-ratio", "0.1", "--dtype", "float32",
+                        "0.8", "--uld-filter-ratio", "0.1", "--uld-request-policy", "any",
+                        "--dtype", "float32",
                         "--max-model-len", "512", "--enforce-eager", "--chat-template", str(tpl),
                         "--served-model-name", "tiny-uld", log=log) as base:
         yield base

@@ -1,4 +1,5 @@
-"""`--uld-adapter/--uld-alpha/--uld-filter-ratio/--uld-mode` on vLLM's own command line.
+"""`--uld-adapter/--uld-alpha/--uld-filter-ratio/--uld-mode/--uld-request-policy/
+--uld-alpha-range` on vLLM's own command line.
 
 vLLM loads general plugins at the top of ``AsyncEngineArgs.add_cli_args`` ("to update the
 parser"), which then calls ``EngineArgs.add_cli_args``: wrapping that static method adds the
@@ -19,19 +20,23 @@ from uld_vllm.errors import UldError
 def add_uld_args(parser, *, mode: bool = True,
                  adapter_help: str = "ULD adapter folder written by `uld-vllm train`") -> None:
     """The ULD engine flags: on ``vllm serve`` (all of them) and on the offline jobs (without
-    ``--uld-mode``: eval switches between the modes itself). The only parser of them."""
+    ``--uld-mode``, which eval switches itself, and without the request policy, which guards
+    a server's clients). The only parser of them."""
     # vLLM's --help lists each group's title and first paragraph only; `--help=ULD` shows
     # the flags, so the summary names them
     group = parser.add_argument_group(
         "ULD", "uld-vllm unlearning: --uld-adapter DIR, --uld-alpha A, --uld-filter-ratio R"
-        + (", --uld-mode {generate,score}" if mode else "") + " (`--help=ULD` describes "
+        + (", --uld-mode {generate,score}, --uld-request-policy {fixed,strengthen,any}, "
+           "--uld-alpha-range MIN,MAX" if mode else "") + " (`--help=ULD` describes "
         "them).\n\nTokens are sampled from target - alpha * assistant after the plausibility "
-        "filter.")
+        "filter." + (" The request policy bounds what a request's uld_* keys may change."
+                     if mode else ""))
     group.add_argument("--uld-adapter", default=None, metavar="DIR", help=adapter_help)
     group.add_argument("--uld-alpha", type=float, default=None, metavar="A",
                        help="weight of the assistant's logits; unset: the adapter's alpha. "
                             "A request may set its own (vllm_xargs {\"uld_alpha\": A}; 0: "
-                            "the target's own distribution)")
+                            "the target's own distribution) as far as --uld-request-policy "
+                            "allows")
     group.add_argument("--uld-filter-ratio", type=float, default=None, metavar="R",
                        help="plausibility-filter ratio in [0, 1); unset: the adapter's")
     if not mode:
@@ -40,20 +45,34 @@ def add_uld_args(parser, *, mode: bool = True,
                        help="'score' keeps the target's logit on filtered-out tokens (TOFU "
                             "scoring through prompt_logprobs); 'generate' masks them. A "
                             "request may set its own for its sampled tokens (vllm_xargs "
-                            "{\"uld_mode\": M}); prompt_logprobs always use this one")
+                            "{\"uld_mode\": M}) as far as --uld-request-policy allows; "
+                            "prompt_logprobs always use this one")
+    group.add_argument("--uld-request-policy", default=None, metavar="POLICY",
+                       help="what a request's uld_* keys (vllm_xargs) may change: 'strengthen' "
+                            "(default) allows uld_alpha >= the served alpha and every other "
+                            "key only at its served value; 'fixed' allows only the served "
+                            "values; 'any' allows everything, the target's own distribution "
+                            "(uld_alpha 0) included. Other values are refused with HTTP 400")
+    group.add_argument("--uld-alpha-range", default=None, metavar="MIN,MAX",
+                       help="bounds for a request's uld_alpha (with strengthen or any); must "
+                            "contain the served alpha")
 
 
 def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
     """Set the ULD model class and settings on ``engine_args`` from parsed ``--uld-*`` flags."""
+    from uld_vllm.engine.request_controls import describe_policy
     from uld_vllm.engine.settings import (
         WORKER_EXTENSION,
+        UldSettings,
         check_engine_options,
         engine_overrides,
+        parse_alpha_range,
         v1_model_runner_for_server,
         with_request_controls,
     )
 
-    loose = [f for f in ("uld_alpha", "uld_filter_ratio") if getattr(args, f, None) is not None]
+    loose = [f for f in ("uld_alpha", "uld_filter_ratio", "uld_request_policy",
+                         "uld_alpha_range") if getattr(args, f, None) is not None]
     if not getattr(args, "uld_adapter", None):
         if loose:
             raise UldError(f"--{loose[0].replace('_', '-')} needs --uld-adapter",
@@ -68,20 +87,43 @@ def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
         pipeline_parallel_size=engine_args.pipeline_parallel_size,
         enable_batch_sharded_sampling=getattr(engine_args, "enable_batch_sharded_sampling",
                                               None))
+    alpha_range = getattr(args, "uld_alpha_range", None)
+    if alpha_range is not None:
+        alpha_range = parse_alpha_range(alpha_range)
     v1_model_runner_for_server()
-    from uld_vllm.engine.request_controls import validate_at_request_parsing
-
-    validate_at_request_parsing()  # this process serves the requests: 400 before any stream
     engine_args.logits_processors = with_request_controls(engine_args.logits_processors)
     if not engine_args.worker_extension_cls:
         engine_args.worker_extension_cls = WORKER_EXTENSION
     hf_overrides, additional = engine_overrides(
         engine_args.model, args.uld_adapter, alpha=args.uld_alpha,
-        filter_ratio=args.uld_filter_ratio, mode=args.uld_mode, hf_overrides=hf,
-        additional_config=engine_args.additional_config, revision=engine_args.revision,
-        trust_remote_code=engine_args.trust_remote_code)
+        filter_ratio=args.uld_filter_ratio, mode=args.uld_mode,
+        request_policy=getattr(args, "uld_request_policy", None), alpha_range=alpha_range,
+        hf_overrides=hf, additional_config=engine_args.additional_config,
+        revision=engine_args.revision, trust_remote_code=engine_args.trust_remote_code)
+    settings = UldSettings.from_dict(additional["uld"])
+    check_dev_mode(settings)
     engine_args.hf_overrides = hf_overrides
     engine_args.additional_config = additional
+    from uld_vllm.engine.admission import show_policy_in_models, validate_at_request_parsing
+
+    # this process serves the requests: 400 before any stream starts
+    validate_at_request_parsing(settings)
+    show_policy_in_models()
+    print(f"uld-vllm: {describe_policy(settings)}", file=sys.stderr, flush=True)
+
+
+def check_dev_mode(settings) -> None:
+    """vLLM's dev endpoints give every client the engine itself: ``/collective_rpc`` calls
+    any worker method by name (``uld_set_mode`` included) and the RL endpoints replace
+    weights. Only a server whose clients may do anything anyway can have them."""
+    import vllm.envs as envs
+
+    if envs.VLLM_SERVER_DEV_MODE and settings.request_policy != "any":
+        raise UldError("VLLM_SERVER_DEV_MODE=1 serves /collective_rpc and the weight-update "
+                       "endpoints, through which any client can change the ULD engine "
+                       f"(request policy {settings.request_policy!r})",
+                       "unset VLLM_SERVER_DEV_MODE, or give clients full control with "
+                       "--uld-request-policy any")
 
 
 def resolve_model_arg(args: argparse.Namespace) -> None:

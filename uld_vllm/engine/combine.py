@@ -9,7 +9,8 @@ Per-request values (``uld_vllm.engine.request_controls``): rows whose requests s
 ``uld_alpha``/``uld_mode`` are grouped by ``(alpha, mode)`` and each group runs the code above
 with its values, so each row is exactly what an engine with those settings computes.
 ``alpha == 0`` returns the target's own logits, unfiltered: what plain vLLM computes for that
-row (whether a request may ask for it is the server's request policy, not the engine's).
+row (whether a request may ask for it is decided before: the request policy in
+``uld_vllm.engine.request_controls``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ import os
 
 def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
         uld_alpha: float | None = None, uld_filter_ratio: float | None = None,
-        uld_mode: str | None = None, **vllm_kwargs):
+        uld_mode: str | None = None, uld_request_policy: str | None = None,
+        uld_alpha_range: tuple[float, float] | None = None, **vllm_kwargs):
     """Build ``vllm.LLM(model, **vllm_kwargs)`` that decodes with ULD.
 
     Returns vLLM's own ``LLM`` object (so ``generate``, ``chat``, ``SamplingParams``, outputs
@@ -23,6 +24,12 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
     Other engine settings go in ``additional_config={"uld": {...}}`` (e.g. ``"backend":
     "torch"``); the arguments above win over the same keys there. Per request:
     ``SamplingParams(extra_args={"uld_alpha": 0.5, "uld_mode": "generate"})``.
+
+    The caller of this function owns the engine, so its requests may ask for anything
+    (request policy ``any``, the target's own distribution included) unless
+    ``uld_request_policy`` says otherwise: ``"strengthen"`` or ``"fixed"`` with an optional
+    ``uld_alpha_range=(MIN, MAX)``, as ``--uld-request-policy``/``--uld-alpha-range`` do for
+    a server. A refused request raises vLLM's ``VLLMValidationError``.
     """
     import vllm
 
@@ -46,10 +53,15 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
         vllm_kwargs.get("logits_processors"))
     # kept when the caller brings its own: set_uld_mode then says what is missing
     vllm_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
+    additional = vllm_kwargs.pop("additional_config", None)
+    if uld_request_policy is None and "request_policy" not in ((additional or {}).get("uld")
+                                                               or {}):
+        uld_request_policy = "any"
     hf, extra = engine_overrides(
         model, uld_adapter, alpha=uld_alpha, filter_ratio=uld_filter_ratio, mode=uld_mode,
+        request_policy=uld_request_policy, alpha_range=uld_alpha_range,
         hf_overrides=vllm_kwargs.pop("hf_overrides", None),
-        additional_config=vllm_kwargs.pop("additional_config", None),
+        additional_config=additional,
         revision=vllm_kwargs.get("revision"),
         trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
     vllm_kwargs.update(hf_overrides=hf, additional_config=extra)

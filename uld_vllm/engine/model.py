@@ -176,6 +176,7 @@ class UldCausalLMMixin:
         from vllm.model_executor.models.utils import maybe_prefix
 
         from uld_vllm.core.adapter import load_adapter
+        from uld_vllm.engine.cpu_generators import install_for_this_platform
         from uld_vllm.engine.request_controls import FQCN, controls_for
         from uld_vllm.engine.settings import check_vllm_config
 
@@ -196,6 +197,10 @@ class UldCausalLMMixin:
                            "request arguments would be ignored",
                            f"pass logits_processors=[{FQCN!r}] (uld_vllm.LLM and "
                            "--uld-adapter add it)")
+        # the worker's own check of the request policy (admission checks first)
+        self.uld_controls.settings = self.uld_settings
+        # seeded requests must not stop a CPU engine (see cpu_generators)
+        install_for_this_platform()
         config = vllm_config.model_config.hf_config
         adapter.check_base(config, vllm_config.model_config.model)
         self.uld_adapter = adapter

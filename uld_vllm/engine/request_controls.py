@@ -2,8 +2,9 @@
 
 Where the values travel (vLLM V1 model runner):
 
-* the frontend (API server or ``LLM``) runs ``UldRequestControls.validate_params`` at request
-  admission, so a bad value is refused (HTTP 400 online) before it reaches the engine;
+* the frontend (API server or ``LLM``) runs ``UldRequestControls.validate_params`` and the
+  engine's request policy (``check_policy``) at request admission, so a bad or disallowed
+  value is refused (HTTP 400 online) before it reaches the engine;
 * in the worker, ``_update_states`` hands every logits processor the batch changes (rows added
   with their ``SamplingParams``, removed, moved) *before* the forward; ``UldRequestControls``
   keeps the per-row values in a ``RowControls`` that the ULD model's ``compute_logits`` reads.
@@ -17,10 +18,19 @@ Where the values travel (vLLM V1 model runner):
 ``RowControls`` is found by the model through ``controls_for(vllm_config)``: the runner builds
 its logits processors in its constructor, before it builds the model, from the same config
 object, in the same worker process.
+
+What a request may ask is the engine's request policy (``UldSettings.request_policy``,
+``--uld-request-policy``), checked by ``check_policy`` generically over ``KEYS``: a key in
+``_ORDERED`` (higher is stronger unlearning) may rise above its served value under
+``strengthen``; any other key weakens the unlearning by differing from the served value. The
+served value of ``uld_X`` is ``UldSettings.X``. Where vLLM runs the check at admission is
+``uld_vllm.engine.admission``; the worker checks again (``RowControls``) and serves a request
+that got past admission anyway with the engine's own settings.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -35,6 +45,98 @@ KEYS = {
     "uld_mode": f"one of {', '.join(repr(m) for m in MODES)}",
 }
 FQCN = "uld_vllm.engine.request_controls:UldRequestControls"
+# keys whose higher values unlearn more (alpha: more of the assistant is subtracted)
+_ORDERED = {"uld_alpha"}
+# keys whose allowed per-request values an operator may bound: key -> UldSettings field
+RANGES = {"uld_alpha": "alpha_range"}
+POLICY_FLAG = "--uld-request-policy"
+
+# a child of vLLM's logger: its handler, format and level (VLLM_LOGGING_LEVEL)
+_log = logging.getLogger("vllm.uld_vllm")
+
+
+def served_field(key: str) -> str:
+    """The ``UldSettings`` field holding the served value of per-request key ``key``."""
+    return key.removeprefix("uld_")
+
+
+def weakens(key: str, asked, served) -> bool:
+    """Whether a request's ``asked`` value unlearns less than the ``served`` one."""
+    if key in _ORDERED:
+        return float(asked) < float(served)
+    return asked != served
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else repr(value)
+
+
+def check_policy(extra_args: dict | None, settings) -> None:
+    """``ValueError`` (one line naming the key and the operator flag that would allow it)
+    for a ``uld_*`` value that ``settings.request_policy`` or a range refuses.
+
+    The values must have passed ``parse_extra_args``."""
+    if not extra_args:
+        return
+    policy = settings.request_policy
+    for key in KEYS:
+        asked = extra_args.get(key)
+        if asked is None:
+            continue
+        served = getattr(settings, served_field(key))
+        weaker = weakens(key, asked, served)
+        if policy == "fixed" and asked != served:
+            allowing = "any" if weaker else "strengthen"
+            raise ValueError(f"{key} {_show(asked)} differs from the served {_show(served)} "
+                             "and this engine's request policy 'fixed' allows no change: "
+                             f"leave {key} out (the operator allows it with {POLICY_FLAG} "
+                             f"{allowing})")
+        if policy == "strengthen" and weaker:
+            if key in _ORDERED:
+                problem = (f"{key} {_show(asked)} is below the served {_show(served)}, "
+                           "which weakens the unlearning")
+                fix = f"send {key} >= {_show(served)} or leave it out"
+            else:
+                problem = (f"{key} {_show(asked)} differs from the served {_show(served)}, "
+                           "which weakens the unlearning")
+                fix = f"leave {key} out"
+            raise ValueError(f"{problem}, and this engine's request policy 'strengthen' "
+                             f"refuses it: {fix} (the operator allows it with {POLICY_FLAG} "
+                             "any)")
+        # after the policy, whose refusal says more (a weaker value is outside a range that
+        # holds the served one as well)
+        bounds = getattr(settings, RANGES[key]) if key in RANGES else None
+        if bounds is not None and not bounds[0] <= float(asked) <= bounds[1]:
+            flag = "--uld-" + RANGES[key].replace("_", "-")
+            raise ValueError(f"{key} {_show(asked)} is outside this engine's allowed range "
+                             f"[{_show(bounds[0])}, {_show(bounds[1])}] ({flag}): send a "
+                             f"value in it or leave {key} out")
+
+
+def policy_rules(settings) -> dict[str, str]:
+    """What each per-request key may be under ``settings``' policy, in words."""
+    rules = {}
+    for key in KEYS:
+        served = getattr(settings, served_field(key))
+        bounds = getattr(settings, RANGES[key]) if key in RANGES else None
+        if settings.request_policy == "fixed":
+            rule = f"only the served {_show(served)}"
+        elif settings.request_policy == "strengthen" and key in _ORDERED:
+            rule = f">= the served {_show(served)}"
+        elif settings.request_policy == "strengthen":
+            rule = f"only the served {_show(served)}"
+        else:
+            rule = f"any ({KEYS[key]})"
+        if bounds is not None:
+            rule += f", within [{_show(bounds[0])}, {_show(bounds[1])}]"
+        rules[key] = rule
+    return rules
+
+
+def describe_policy(settings) -> str:
+    """One line: the request policy and what it lets a request's ``uld_*`` keys be."""
+    rules = "; ".join(f"{k}: {v}" for k, v in policy_rules(settings).items())
+    return f"request policy {settings.request_policy!r} ({POLICY_FLAG}): {rules}"
 
 
 def parse_extra_args(extra_args: dict | None) -> tuple[float | None, str | None]:
@@ -72,13 +174,15 @@ class RowControls:
     same step (prompt log-probs) and calls outside a step (warm-up, profiling) get ``None``.
     """
 
-    def __init__(self):
+    def __init__(self, settings=None):
         self.rows: dict[int, tuple[float | None, str | None]] = {}
         self.batch_size = 0
         self._armed = False
+        # the engine's UldSettings, set by the model it serves (built after this object)
+        self.settings = settings
 
     def update(self, batch_update: BatchUpdate | None) -> None:
-        process_dict_updates(self.rows, batch_update, _row_of)
+        process_dict_updates(self.rows, batch_update, self._row_of)
         if batch_update is not None:
             self.batch_size = batch_update.batch_size
         self._armed = True
@@ -98,38 +202,21 @@ class RowControls:
         return dict(self.rows)
 
 
-def _row_of(params, _prompt_ids, _output_ids):
-    if params is None:
-        return None
-    alpha, mode = parse_extra_args(params.extra_args)
-    return None if alpha is None and mode is None else (alpha, mode)
-
-
-def validate_at_request_parsing() -> None:
-    """Check ``uld_*`` arguments when the OpenAI server builds a request's SamplingParams.
-
-    vLLM runs logits processors' ``validate_params`` when the request enters the engine
-    client, which for ``stream=true`` happens after the 200 response has started: the refusal
-    would be an error event inside a 200 stream. The OpenAI protocols build their
-    SamplingParams with ``SamplingParams.from_optional`` while the handler can still answer
-    400, so the server process (only one that serves ``--uld-adapter``) checks there too."""
-    from vllm import SamplingParams
-    from vllm.exceptions import VLLMValidationError
-
-    if getattr(SamplingParams, "_uld_checked", False):
-        return
-    original = SamplingParams.from_optional
-
-    def from_optional(*args, **kwargs):
-        params = original(*args, **kwargs)
+    def _row_of(self, params, _prompt_ids, _output_ids):
+        if params is None:
+            return None
         try:
-            UldRequestControls.validate_params(params)
+            alpha, mode = parse_extra_args(params.extra_args)
+            if self.settings is not None:
+                check_policy(params.extra_args, self.settings)
         except ValueError as exc:
-            raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
-        return params
-
-    SamplingParams.from_optional = staticmethod(from_optional)
-    SamplingParams._uld_checked = True
+            # admission refuses these (uld_vllm.engine.admission); a request that reached the
+            # worker another way must neither stop the engine (an exception here would) nor
+            # be served more weakly than the policy allows: it gets the engine's settings
+            _log.warning("ULD per-request controls: %s; this request is served with the "
+                         "engine's settings", exc)
+            return None
+        return None if alpha is None and mode is None else (alpha, mode)
 
 
 # id(vllm_config) -> the worker's RowControls (one runner per worker process in V1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -42,8 +43,13 @@ REMOVED_ENV = {
                        "docs recommend",
 }
 BACKENDS = ("auto", "torch", "triton")  # see uld_vllm.engine.combine
+# what a request's uld_* keys may do (uld_vllm.engine.request_controls.check_policy):
+# "fixed": nothing but repeat the served values; "strengthen": raise uld_alpha, repeat the
+# others; "any": whatever the engine can compute, the target's own distribution included
+REQUEST_POLICIES = ("fixed", "strengthen", "any")
 # the additional_config["uld"] keys an engine reads; any other key is refused
-_KEYS = ("adapter", "alpha", "filter_ratio", "mode", "backend", "adapter_hash")
+_KEYS = ("adapter", "alpha", "filter_ratio", "mode", "backend", "request_policy",
+         "alpha_range", "adapter_hash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +61,10 @@ class UldSettings:
     filter_ratio: float
     mode: str = "generate"  # "score": masked tokens keep the target logit (TOFU scoring)
     backend: str = "auto"   # "auto" | "torch" | "triton" (uld_vllm.engine.combine)
+    # ULD leaves the weights untouched, so what requests may ask is the guarantee; a config
+    # that does not say is served safe (uld_vllm.LLM passes "any" for its own caller)
+    request_policy: str = "strengthen"
+    alpha_range: tuple[float, float] | None = None  # allowed per-request uld_alpha
 
     @classmethod
     def from_dict(cls, raw: Any, adapter_config=None) -> "UldSettings":
@@ -78,7 +88,9 @@ class UldSettings:
                 filter_ratio=_number(raw, "filter_ratio",
                                      getattr(adapter_config, "filter_ratio", None)),
                 mode=str(raw.get("mode", "generate")),
-                backend=str(raw.get("backend", "auto")))
+                backend=str(raw.get("backend", "auto")),
+                request_policy=str(raw.get("request_policy", "strengthen")),
+                alpha_range=_range(raw.get("alpha_range")))
         s.validate()
         return s
 
@@ -94,9 +106,60 @@ class UldSettings:
         if self.alpha < 0:
             raise UldError(f"--uld-alpha {self.alpha} is negative",
                            "use alpha >= 0 (0 disables the assistant)")
+        if self.request_policy not in REQUEST_POLICIES:
+            raise UldError(f"--uld-request-policy {self.request_policy!r} is unknown",
+                           f"use one of {', '.join(REQUEST_POLICIES)}")
+        if self.alpha_range is None:
+            return
+        lo, hi = self.alpha_range
+        shown = f"--uld-alpha-range {lo:g},{hi:g}"
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise UldError(f"{shown} is not finite", "give two finite numbers MIN,MAX")
+        if lo < 0:
+            raise UldError(f"{shown} has a negative MIN",
+                           "per-request alpha is >= 0: use MIN >= 0")
+        if lo > hi:
+            raise UldError(f"{shown} has MIN > MAX", "give MIN,MAX with MIN <= MAX, e.g. "
+                           f"{self.alpha:g},{max(2 * self.alpha, 1):g}")
+        if self.request_policy == "fixed":
+            raise UldError(f"{shown} has no effect under --uld-request-policy fixed (no "
+                           "request may change uld_alpha)",
+                           "drop it, or use --uld-request-policy strengthen or any")
+        # a request that repeats the served alpha must never be refused
+        if not lo <= self.alpha <= hi:
+            raise UldError(f"{shown} leaves out the served alpha {self.alpha:g}",
+                           "widen the range or set --uld-alpha inside it")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # additional_config travels as JSON (and is hashed as such)
+        d["alpha_range"] = list(self.alpha_range) if self.alpha_range else None
+        return d
+
+
+def parse_alpha_range(text: str) -> tuple[float, float]:
+    """``--uld-alpha-range MIN,MAX`` as two floats (checked by ``UldSettings.validate``)."""
+    parts = str(text).split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise UldError(f"--uld-alpha-range {text!r} is not MIN,MAX",
+                       "give two numbers separated by a comma, e.g. 0.8,2") from None
+    return lo, hi
+
+
+def _range(value) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_alpha_range(value)
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+        raise UldError(f"additional_config['uld']['alpha_range'] is {value!r}",
+                       "give [MIN, MAX] (two numbers)")
+    return float(value[0]), float(value[1])
 
 
 def _number(raw: dict, key: str, default) -> float:
@@ -124,6 +187,8 @@ def warn_removed_env(environ=None) -> list[str]:
 
 def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = None,
                      filter_ratio: float | None = None, mode: str | None = None,
+                     request_policy: str | None = None,
+                     alpha_range: tuple[float, float] | None = None,
                      hf_overrides: dict | None = None,
                      additional_config: dict | None = None,
                      revision: str | None = None,
@@ -158,7 +223,8 @@ def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = N
     given = dict(extra.get("uld") or {})
     given.pop("adapter_hash", None)
     given["adapter"] = str(Path(adapter).resolve())
-    for key, value in (("alpha", alpha), ("filter_ratio", filter_ratio), ("mode", mode)):
+    for key, value in (("alpha", alpha), ("filter_ratio", filter_ratio), ("mode", mode),
+                       ("request_policy", request_policy), ("alpha_range", alpha_range)):
         if value is not None:
             given[key] = value
     settings = UldSettings.from_dict(given, ad.config)
@@ -184,6 +250,23 @@ def _adapter_hash(ad) -> str:
     st = Path(ad.weights_file).stat()
     h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def settings_of(vllm_config) -> UldSettings | None:
+    """The ``UldSettings`` of a built engine config (any process); None for a plain engine.
+
+    A config written by ``engine_overrides`` holds every value; one written by hand may leave
+    ``alpha``/``filter_ratio`` to the adapter, whose config is then read."""
+    archs = set(getattr(vllm_config.model_config, "architectures", None) or [])
+    if not archs & set(ULD_ARCHITECTURES.values()):
+        return None
+    raw = (vllm_config.additional_config or {}).get("uld")
+    adapter_config = None
+    if isinstance(raw, dict) and "adapter" in raw and not {"alpha", "filter_ratio"} <= set(raw):
+        from uld_vllm.core.adapter import load_adapter
+
+        adapter_config = load_adapter(raw["adapter"]).config
+    return UldSettings.from_dict(raw, adapter_config)
 
 
 def check_engine_options(*, enable_lora=False, speculative_config=None,

@@ -21,7 +21,10 @@ class UldWorkerExtension:
         """Switch the engine's default ULD mode; None on a plain (non-ULD) model.
 
         Requests that set their own ``uld_mode`` keep it. Callers switch between jobs, with
-        nothing in flight: a request running across the switch would see both modes."""
+        nothing in flight: a request running across the switch would see both modes. The
+        request policy compares with the configured mode, not this one; a server's clients
+        cannot reach this method (``--uld-adapter`` refuses vLLM's dev endpoints, whose
+        ``/collective_rpc`` could, unless the policy is ``any``)."""
         if mode not in MODES:
             raise ValueError(f"ULD mode {mode!r} is unknown: use one of {MODES}")
         model = self._uld_model()
