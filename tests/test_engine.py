@@ -34,6 +34,10 @@ def llama_run(tiny_llama, llama_adapter):
     try:
         run = {"greedy": [o.outputs[0].token_ids for o in
                           llm.generate(PROMPTS, greedy(), use_tqdm=False)]}
+        # the paper's rule asked for per request, in the same engine
+        xa = {"uld_penalty": "logit", "uld_gate": "off"}
+        run["greedy_reference_rule"] = [o.outputs[0].token_ids for o in llm.generate(
+            PROMPTS, greedy(extra_args=xa), use_tqdm=False)]
         pl = llm.generate(PROMPTS, SamplingParams(max_tokens=1, prompt_logprobs=0),
                           use_tqdm=False)
         run["prompt_logprobs"] = [(o.prompt_token_ids, o.prompt_logprobs) for o in pl]
@@ -64,31 +68,43 @@ def test_greedy_is_token_identical_to_the_reference(llama_run, llama_ref):
     assert ties <= 1
 
 
+def test_a_requests_own_rule_is_the_reference_decoders_of_that_rule(llama_run, tiny_llama,
+                                                                   llama_adapter):
+    ref = ReferenceDecoder.load(tiny_llama, llama_adapter, alpha=0.8, filter_ratio=0.1,
+                                penalty="logit", gate=None)
+    assert assert_greedy_matches(llama_run["greedy_reference_rule"], ref, PROMPTS, MAX_NEW) <= 1
+    assert llama_run["greedy_reference_rule"] != llama_run["greedy"]  # the rule reached it
+
+
 def test_uld_engine_is_not_the_plain_target(llama_run, tiny_llama):
     plain = ReferenceDecoder.load(tiny_llama)
     want = plain.generate(PROMPTS, max_new_tokens=MAX_NEW, ignore_eos=True)
     assert sum(list(g) != w.token_ids for g, w in zip(llama_run["greedy"], want)) >= 3
 
 
-@pytest.mark.parametrize("name", ["llama-r0.01-chunked", "qwen2-r0.1", "qwen2-r0.01-chunked"])
+@pytest.mark.parametrize("name", ["llama-r0.01-chunked", "qwen2-r0.1", "qwen2-r0.01-chunked",
+                                  "llama-r0.1-reference"])
 def test_greedy_matches_reference_other_settings(name, request):
     """Each (model, filter ratio), with prefix caching + a chunked-prefill budget of 16
-    tokens (smaller than the longest prompt) on the `-chunked` ones."""
+    tokens (smaller than the longest prompt) on the `-chunked` ones; `-reference` is the
+    paper's rule (``uld_rule="reference"``) instead of the adapter's default."""
     import uld_vllm
 
-    arch, r, *chunked = name.split("-")
+    arch, r, *extra = name.split("-")
+    chunked = "chunked" in extra
+    rule = {"penalty": "logit", "gate": None} if "reference" in extra else {}
     model = request.getfixturevalue("tiny_llama" if arch == "llama" else "tiny_qwen2")
     adapter = request.getfixturevalue(f"{arch}_adapter")
     ratio = float(r[1:])
     kw = dict(ENGINE_KW, **(CHUNKED_KW if chunked else {}))
     llm = uld_vllm.LLM(str(model), uld_adapter=str(adapter), uld_alpha=0.8,
-                       uld_filter_ratio=ratio, **kw)
+                       uld_filter_ratio=ratio, uld_rule="reference" if rule else None, **kw)
     try:
         first = llm.generate(PROMPTS, greedy(), use_tqdm=False)
         second = llm.generate(PROMPTS, greedy(), use_tqdm=False) if chunked else first
     finally:
         shutdown(llm)
-    ref = ReferenceDecoder.load(model, adapter, alpha=0.8, filter_ratio=ratio)
+    ref = ReferenceDecoder.load(model, adapter, alpha=0.8, filter_ratio=ratio, **rule)
     longest = max(len(ref.encode(p)) for p in PROMPTS)
     ties = assert_greedy_matches([o.outputs[0].token_ids for o in first], ref, PROMPTS, MAX_NEW)
     assert ties <= 1

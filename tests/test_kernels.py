@@ -443,6 +443,7 @@ def test_engine_dense_path_uses_kernel(monkeypatch):
     assert kernels.split_plan(5, 1271, torch.device("cpu")) == (2, 1024, 1024)
     for r, mode in ((0.01, "generate"), (0.1, "score"), (0.0, "generate")):
         c = combine.UldCombiner(SimpleNamespace(alpha=0.8, filter_ratio=r, mode=mode,
+                                                penalty="logit", gate=None,
                                                 backend="triton"))
         assert c.backend == "triton"
         with launched("combine") as n:

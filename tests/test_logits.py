@@ -176,3 +176,88 @@ def test_bad_arguments_are_rejected():
         uld_logits(l, l, filter_ratio=1.5)
     with pytest.raises(ValueError, match="alpha"):
         uld_logits(l, l, alpha=torch.ones(3))
+
+
+# --- the gated rule: a confidence gate on alpha and the above-uniform penalty ---------------
+
+def literal_gated(l_row, a_row, alpha, r, mode, penalty, gate):
+    """The gated rule line by line on Python floats, one row: the weight from KL(p_a || U),
+    then the paper's filter and the penalty."""
+    V = len(a_row)
+    fa = [x for x in a_row if x != NEG]
+    ma = max(fa)
+    lse_a = ma + math.log(sum(math.exp(x - ma) for x in fa))
+    lpa = [x - lse_a if x != NEG else NEG for x in a_row]
+    kl = math.log(V) + sum(math.exp(x) * x for x in lpa if x != NEG)
+    if gate is not None:
+        lo, hi = gate
+        alpha = alpha * min(1.0, max(0.0, (kl - lo) / (hi - lo)))
+    if penalty == "logit":
+        return literal_uld(l_row, a_row, alpha, r, mode)
+    pen = [max(0.0, x + math.log(V)) if x != NEG else 0.0 for x in lpa]
+    finite = [x for x in l_row if x != NEG]
+    m = max(finite)
+    lse = m + math.log(sum(math.exp(x - m) for x in finite))
+    lp = [x - lse if x != NEG else NEG for x in l_row]
+    if r == 0:
+        return [lp[v] - alpha * pen[v] if lp[v] != NEG else NEG for v in range(V)]
+    k = max(1, math.floor(r * V))
+    thr = min(sorted(lp, reverse=True)[k - 1], max(lp) + math.log(r))
+    return [l_row[v] - alpha * pen[v] if lp[v] >= thr and lp[v] != NEG
+            else (NEG if mode == "generate" else l_row[v]) for v in range(V)]
+
+
+def gated_rows(V=1271, seed=21):
+    """Rows of every kind the gate sees: a near-uniform assistant (gate closed), a
+    half-confident one (in between), a confident one (open), one with -inf entries."""
+    g = torch.Generator().manual_seed(seed)
+    l = torch.randn(4, V, generator=g) * 3
+    a = torch.randn(4, V, generator=g)
+    a[0] *= 0.01
+    a[1] *= 1.5
+    a[2] *= 6
+    a[3, :40] = NEG
+    a[3] *= 4
+    return l, a
+
+
+@pytest.mark.parametrize("penalty", ["above_uniform", "logit"])
+@pytest.mark.parametrize("gate", [(1.0, 3.0), None])
+@pytest.mark.parametrize("r", [0.01, 0.1, 0.0])
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_gated_rule_matches_literal(penalty, gate, r, mode):
+    from uld_vllm.core.logits import kl_from_uniform
+
+    l, a = gated_rows()
+    kl = kl_from_uniform(a)
+    assert kl[0] < 1.0 < kl[1] < 3.0 < kl[2]  # closed, in between, open
+    got = uld_logits(l, a, alpha=0.8, filter_ratio=r, mode=mode, penalty=penalty, gate=gate)
+    assert not torch.isnan(got).any()
+    for i in range(l.shape[0]):
+        want = torch.tensor(literal_gated(l[i].double().tolist(), a[i].double().tolist(), 0.8,
+                                          r, mode, penalty, gate), dtype=torch.float64)
+        g_ = got[i].double()
+        assert torch.equal(torch.isneginf(g_), torch.isneginf(want)), i
+        fin = ~torch.isneginf(want)
+        torch.testing.assert_close(g_[fin], want[fin], atol=1e-4, rtol=1e-5)
+
+
+def test_a_closed_gate_leaves_the_targets_greedy_token_and_an_open_one_does_not():
+    l, a = gated_rows()
+    a[2] = l[2] * 2  # a confident assistant that agrees with the target's favourite
+    out = uld_logits(l, a, alpha=0.8, filter_ratio=0.01, penalty="above_uniform",
+                     gate=(1.0, 3.0))
+    assert out[0].argmax() == l[0].argmax()
+    assert out[2].argmax() != l[2].argmax()
+    # the above-uniform penalty never raises a token above its target logit
+    kept = ~torch.isneginf(out)
+    assert (out[kept] <= l[kept]).all()
+
+
+def test_bad_gates_and_penalties_are_rejected():
+    l = torch.randn(2, 10)
+    for gate in [(3.0, 1.0), (-1.0, 2.0), (1.0,), (1.0, float("inf")), "1,3"]:
+        with pytest.raises(ValueError, match="gate"):
+            uld_logits(l, l, gate=gate)
+    with pytest.raises(ValueError, match="penalty"):
+        uld_logits(l, l, penalty="relu")

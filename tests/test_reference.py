@@ -79,7 +79,8 @@ def test_score_mode_is_the_full_vocabulary_softmax(uld):
     from uld_vllm import uld_logits
 
     rows = slice(len(ids) - 1, len(ids) + len(cont) - 1)
-    comb = uld_logits(t[rows], a[rows], alpha=0.8, filter_ratio=0.1, mode="score")
+    comb = uld_logits(t[rows], a[rows], alpha=0.8, filter_ratio=0.1, mode="score",
+                      penalty=uld.penalty, gate=uld.gate)
     want = torch.log_softmax(comb, -1).gather(-1, torch.tensor(cont)[:, None])[:, 0]
     torch.testing.assert_close(s, want, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(s).all()  # score semantics never give -inf to a real token

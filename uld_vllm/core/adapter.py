@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from uld_vllm.core.logits import DEFAULT_GATE, DEFAULT_PENALTY
 from uld_vllm.errors import UldError
 
 ULD_CONFIG_NAME = "uld_config.json"
@@ -59,6 +60,10 @@ class UldConfig:
     filter_ratio: float = dataclasses.field(
         default=0.1, metadata={"help": "default plausibility-filter ratio r"}
     )
+    # the decoding rule's defaults (uld_vllm.core.logits); adapters written before these
+    # existed decode with the current defaults
+    penalty: str = DEFAULT_PENALTY
+    gate: list | None = dataclasses.field(default_factory=lambda: list(DEFAULT_GATE))
     base_architecture: str = ""
     format_version: int = FORMAT_VERSION
     # how training ended (uld-vllm train): {"converged": bool, "forget_loss", "retain_kl",

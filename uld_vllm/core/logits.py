@@ -11,6 +11,14 @@ import math
 import torch
 
 MODES = ("generate", "score")
+# what is subtracted: the assistant's logits (the paper), or only where the assistant puts
+# more than uniform mass, by how much (log p_a + log V, clipped at 0)
+PENALTIES = ("logit", "above_uniform")
+# the engine's and the adapters' defaults, chosen by measurement (docs/unlearning.md): the gate
+# leaves every row alone where the assistant is near uniform (it is trained to be, off the
+# forget set), and the above-uniform penalty forgets without raising junk tokens
+DEFAULT_PENALTY = "above_uniform"
+DEFAULT_GATE = (1.0, 3.0)
 
 
 def uld_logits(
@@ -20,14 +28,28 @@ def uld_logits(
     alpha: float | torch.Tensor = 1.0,
     filter_ratio: float = 0.1,
     mode: str = "generate",
+    penalty: str = "logit",
+    gate: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     r"""Combine target and assistant logits the ULD way.
 
     Shapes: ``target_logits`` and ``assistant_logits`` are ``[B, V]`` (any float dtype; the
     computation is done in float32 and the result is float32 ``[B, V]``). ``alpha`` is a float
-    or a ``[B]`` tensor (one weight per row).
+    or a ``[B]`` tensor (one weight per row). The defaults of ``penalty`` and ``gate`` are the
+    paper's rule; the engine's defaults are ``uld_vllm.engine.settings``'s.
 
     With ``l`` the target row, ``a`` the assistant row and ``r = filter_ratio``:
+
+    * **Confidence gate** (``gate = (lo, hi)``): the row's weight is
+      ``alpha * clip((KL(p_a || U) - lo) / (hi - lo), 0, 1)``, with ``KL(p_a || U) =
+      log V - H(p_a)`` in nats: 0 where the assistant is uniform (what it is trained to be on
+      everything but the forget set), ``log V`` where it is certain. A row the assistant knows
+      nothing about gets weight 0 (``confidence_gate``), so its greedy token is the target's.
+    * **Penalty**: ``pen = a`` (``"logit"``, the paper) or ``pen = max(0, log p_a + log V)``
+      (``"above_uniform"``): only tokens the assistant prefers over uniform are pushed down, by
+      how much it prefers them, and a token it dislikes is not pushed up (with ``"logit"``, a
+      very low assistant logit raises a token, which is how junk tokens win). Wherever ``a``
+      appears below, read ``pen``.
 
     * **Plausibility filter** (``r > 0``). ``lp = log_softmax(l)``, ``k = max(1, floor(r*V))``,
       ``thr = min(kth_largest(lp, k), max(lp) + ln r)``. Token ``v`` is *kept* iff
@@ -45,10 +67,14 @@ def uld_logits(
     no defined difference when ``alpha != 0``; it is treated as masked (``-inf`` in generate
     mode, the target logit in score mode). With ``alpha == 0`` the assistant is ignored
     entirely. A row whose target logits are all ``-inf`` comes back all ``-inf`` (no NaN).
-    NaN and ``+inf`` inputs are not supported.
+    NaN and ``+inf`` inputs are not supported. With ``"above_uniform"`` an assistant logit of
+    ``-inf`` is a penalty of 0 (the token is kept on the target's own logit).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if penalty not in PENALTIES:
+        raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
+    check_gate(gate)
     if target_logits.dim() != 2 or target_logits.shape != assistant_logits.shape:
         raise ValueError(
             "target_logits and assistant_logits must both be [B, V] with the same shape, got "
@@ -61,11 +87,56 @@ def uld_logits(
     a = assistant_logits.float()
     alpha_col = _alpha_column(alpha, B, l.device)
     neg_inf = torch.tensor(float("-inf"), device=l.device)
+    if gate is not None:
+        alpha_col = alpha_col * confidence_gate(a, gate).unsqueeze(-1)
+    if penalty == "above_uniform":
+        pen = above_uniform(a)
+        if filter_ratio == 0.0:
+            s = _safe_log_softmax(l) - alpha_col * pen
+            return torch.where(l > float("-inf"), s, neg_inf)
+        keep = plausibility_mask(l, filter_ratio)
+        s = torch.addcmul(l, alpha_col, pen, value=-1.0)
+        return torch.where(keep, s, neg_inf if mode == "generate" else l)
 
     if filter_ratio == 0.0:
         return _log_prob_difference(l, a, alpha_col, neg_inf)
 
     return combine_with_mask(l, a, plausibility_mask(l, filter_ratio), alpha_col, mode)
+
+
+def check_gate(gate) -> None:
+    if gate is None:
+        return
+    if (not isinstance(gate, (tuple, list)) or len(gate) != 2
+            or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in gate)):
+        raise ValueError(f"gate must be (low, high) in nats or None, got {gate!r}")
+    lo, hi = gate
+    if not 0.0 <= lo < hi:
+        raise ValueError(f"gate must have 0 <= low < high, got {gate!r}")
+
+
+def kl_from_uniform(assistant_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(p_a || U) = log V + sum_v p_v log p_v`` per row (``[B]``, float32, nats); 0 for a
+    row without any finite logit."""
+    a = assistant_logits.float()
+    lp = _safe_log_softmax(a)
+    plogp = torch.where(lp > float("-inf"), lp.exp() * lp, torch.zeros_like(lp))
+    kl = plogp.sum(-1) + math.log(a.shape[-1])
+    return torch.where(lp.max(-1).values > float("-inf"), kl, torch.zeros_like(kl))
+
+
+def confidence_gate(assistant_logits: torch.Tensor, gate: tuple[float, float]) -> torch.Tensor:
+    """Each row's share of alpha, ``clip((KL(p_a || U) - lo) / (hi - lo), 0, 1)`` (``[B]``)."""
+    lo, hi = gate
+    return ((kl_from_uniform(assistant_logits) - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def above_uniform(assistant_logits: torch.Tensor) -> torch.Tensor:
+    """``max(0, log p_a + log V)``: how much more than uniform the assistant puts on each
+    token, in nats (0 where it puts uniform mass or less, and at ``-inf`` logits)."""
+    a = assistant_logits.float()
+    lp = _safe_log_softmax(a) + math.log(a.shape[-1])
+    return torch.where(lp > 0, lp, torch.zeros_like(lp))
 
 
 def combine_with_mask(l: torch.Tensor, a: torch.Tensor, keep: torch.Tensor,

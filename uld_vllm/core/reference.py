@@ -18,6 +18,7 @@ import torch
 from uld_vllm.core.logits import uld_logits
 
 Prompt = str | Sequence[int]
+_ADAPTERS = object()  # ReferenceDecoder.load's default: the adapter's own gate
 
 
 @dataclasses.dataclass
@@ -38,18 +39,25 @@ class ReferenceDecoder:
     """
 
     def __init__(self, target, tokenizer, assistant=None, *, alpha: float = 1.0,
-                 filter_ratio: float = 0.1):
+                 filter_ratio: float = 0.1, penalty: str = "logit",
+                 gate: tuple[float, float] | None = None):
         self.target = target.eval()
         self.tokenizer = tokenizer
         self.assistant = assistant.eval() if assistant is not None else None
         self.alpha = float(alpha) if assistant is not None else 0.0
         self.filter_ratio = float(filter_ratio)
+        self.penalty = penalty
+        self.gate = tuple(gate) if gate is not None else None
 
     @classmethod
     def load(cls, model: str | os.PathLike, uld_adapter: str | os.PathLike | None = None, *,
              alpha: float | None = None, filter_ratio: float | None = None,
+             penalty: str | None = None, gate=_ADAPTERS,
              dtype: torch.dtype = torch.float32, device: str = "cpu") -> "ReferenceDecoder":
-        """Load a target (hub id or folder) and, optionally, a ULD adapter folder for it."""
+        """Load a target (hub id or folder) and, optionally, a ULD adapter folder for it.
+
+        Decoding values left out are the adapter's (``uld_config.json``), as in the engine;
+        ``gate=None`` turns the gate off."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from uld_vllm.core.adapter import load_adapter
@@ -71,6 +79,8 @@ class ReferenceDecoder:
             alpha=alpha if alpha is not None else (cfg.alpha if cfg else 0.0),
             filter_ratio=filter_ratio if filter_ratio is not None else
             (cfg.filter_ratio if cfg else 0.1),
+            penalty=penalty if penalty is not None else (cfg.penalty if cfg else "logit"),
+            gate=gate if gate is not _ADAPTERS else (cfg.gate if cfg else None),
         )
 
     # ------------------------------------------------------------------ helpers
@@ -86,7 +96,8 @@ class ReferenceDecoder:
             return uld_logits(target_logits, assistant_logits, alpha=0.0,
                               filter_ratio=self.filter_ratio, mode=mode)
         return uld_logits(target_logits, assistant_logits, alpha=self.alpha,
-                          filter_ratio=self.filter_ratio, mode=mode)
+                          filter_ratio=self.filter_ratio, mode=mode, penalty=self.penalty,
+                          gate=self.gate)
 
     def _device(self) -> torch.device:
         return next(self.target.parameters()).device

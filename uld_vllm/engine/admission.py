@@ -20,7 +20,8 @@ guarantee. The policy (``UldSettings.request_policy``, checked by
 
 ``GET /v1/models`` shows each ULD model's settings and policy under ``"uld"``::
 
-    {"id": "tiny-uld", ..., "uld": {"alpha": 0.8, "filter_ratio": 0.1, "mode": "generate",
+    {"id": "tiny-uld", ..., "uld": {"alpha": 0.8, "filter_ratio": 0.1,
+     "penalty": "above_uniform", "gate": [1.0, 3.0], "mode": "generate",
      "request_policy": "strengthen", "alpha_range": null,
      "request_keys": {"uld_alpha": ">= the served 0.8", "uld_mode": "only the served
      'generate'"}}}
@@ -139,6 +140,7 @@ def _refuse_uld_keys_with_beam_search(cls, error) -> None:
 def model_card_info(settings) -> dict:
     """The ``"uld"`` entry of a ULD model's ``/v1/models`` card (no file paths)."""
     return {"alpha": settings.alpha, "filter_ratio": settings.filter_ratio,
+            "penalty": settings.penalty, "gate": list(settings.gate) if settings.gate else None,
             "mode": settings.mode, "request_policy": settings.request_policy,
             "alpha_range": list(settings.alpha_range) if settings.alpha_range else None,
             "request_keys": policy_rules(settings)}

@@ -39,6 +39,18 @@ def add_uld_args(parser, *, mode: bool = True,
                             "allows")
     group.add_argument("--uld-filter-ratio", type=float, default=None, metavar="R",
                        help="plausibility-filter ratio in [0, 1); unset: the adapter's")
+    group.add_argument("--uld-penalty", default=None, metavar="P",
+                       help="what is subtracted: 'above_uniform' (default: only where the "
+                            "assistant puts more than uniform mass) or 'logit' (the paper's "
+                            "l - alpha * l_a); unset: the adapter's")
+    group.add_argument("--uld-gate", default=None, metavar="LOW,HIGH|off",
+                       help="confidence gate: alpha is scaled by clip((KL(p_a||U) - LOW) / "
+                            "(HIGH - LOW), 0, 1) per token, so rows where the assistant knows "
+                            "nothing are left alone; 'off': the paper's ungated rule; unset: "
+                            "the adapter's (default 1,3)")
+    group.add_argument("--uld-rule", default=None, metavar="NAME",
+                       help="a named rule: 'reference' is the paper's exactly (--uld-penalty "
+                            "logit --uld-gate off), 'gated' this project's default")
     if not mode:
         return
     group.add_argument("--uld-mode", choices=["generate", "score"], default=None,
@@ -72,7 +84,8 @@ def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
     )
 
     loose = [f for f in ("uld_alpha", "uld_filter_ratio", "uld_request_policy",
-                         "uld_alpha_range") if getattr(args, f, None) is not None]
+                         "uld_alpha_range", "uld_penalty", "uld_gate", "uld_rule")
+             if getattr(args, f, None) is not None]
     if not getattr(args, "uld_adapter", None):
         if loose:
             raise UldError(f"--{loose[0].replace('_', '-')} needs --uld-adapter",
@@ -98,7 +111,7 @@ def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
         engine_args.model, args.uld_adapter, alpha=args.uld_alpha,
         filter_ratio=args.uld_filter_ratio, mode=args.uld_mode,
         request_policy=getattr(args, "uld_request_policy", None), alpha_range=alpha_range,
-        hf_overrides=hf, additional_config=engine_args.additional_config,
+        rule=rule_of_args(args), hf_overrides=hf, additional_config=engine_args.additional_config,
         revision=engine_args.revision, trust_remote_code=engine_args.trust_remote_code)
     settings = UldSettings.from_dict(additional["uld"])
     check_dev_mode(settings)
@@ -110,6 +123,15 @@ def apply_uld_args(engine_args, args: argparse.Namespace) -> None:
     validate_at_request_parsing(settings)
     show_policy_in_models()
     print(f"uld-vllm: {describe_policy(settings)}", file=sys.stderr, flush=True)
+
+
+def rule_of_args(args) -> dict:
+    """``--uld-rule/--uld-penalty/--uld-gate`` as the settings they stand for (unset: none)."""
+    from uld_vllm.engine.settings import UNSET, parse_gate, rule_settings
+
+    gate = getattr(args, "uld_gate", None)
+    return rule_settings(getattr(args, "uld_rule", None), getattr(args, "uld_penalty", None),
+                         UNSET if gate is None else parse_gate(gate))
 
 
 def check_dev_mode(settings) -> None:

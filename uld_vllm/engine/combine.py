@@ -6,8 +6,8 @@ ULD rule (``uld_vllm.core.logits.uld_logits``): in torch, or in the fused Triton
 once, at engine start, from ``backend`` in ``additional_config["uld"]`` (``_pick_backend``).
 
 Per-request values (``uld_vllm.engine.request_controls``): rows whose requests set their own
-``uld_alpha``/``uld_mode`` are grouped by ``(alpha, mode)`` and each group runs the code above
-with its values, so each row is exactly what an engine with those settings computes.
+``uld_*`` values are grouped by the settings they end up with, and each group runs the code
+above with them, so each row is exactly what an engine with those settings computes.
 ``alpha == 0`` returns the target's own logits, unfiltered: what plain vLLM computes for that
 row (whether a request may ask for it is decided before: the request policy in
 ``uld_vllm.engine.request_controls``).
@@ -33,6 +33,8 @@ class UldCombiner:
         self.alpha = settings.alpha
         self.filter_ratio = settings.filter_ratio
         self.mode = settings.mode
+        self.penalty = settings.penalty
+        self.gate = tuple(settings.gate) if settings.gate else None
         self.backend = _pick_backend(settings.backend)
         # which path each compute_logits call took (tests and diagnostics read them)
         self.stats = {"combined": 0, "target": 0, "per_request": 0}
@@ -40,19 +42,18 @@ class UldCombiner:
         _log.info("ULD combine: %s", self.description)
 
     def __call__(self, logits_processor, lm_head, h_t: torch.Tensor, h_a: torch.Tensor,
-                 rows: dict[int, tuple[float | None, str | None]] | None = None
-                 ) -> torch.Tensor | None:
-        """ULD logits of ``n`` rows; ``rows`` maps a row index to its request's own
-        ``(alpha, mode)`` (``None`` entries: the engine's setting)."""
+                 rows: dict[int, dict] | None = None) -> torch.Tensor | None:
+        """ULD logits of ``n`` rows; ``rows`` maps a row index to its request's own settings
+        (``{"alpha": 0.5, ...}``; the others are the engine's)."""
         groups = self._groups(h_t.shape[0], rows)
         if len(groups) == 1:
-            (alpha, mode), _ = groups.popitem()
-            return self._combine(logits_processor, lm_head, h_t, h_a, alpha, mode)
+            key, _ = groups.popitem()
+            return self._combine(logits_processor, lm_head, h_t, h_a, *key)
         out = None
-        for (alpha, mode), idx in groups.items():
+        for key, idx in groups.items():
             ix = torch.tensor(idx, device=h_t.device)
             part = self._combine(logits_processor, lm_head, h_t.index_select(0, ix),
-                                 h_a.index_select(0, ix), alpha, mode)
+                                 h_a.index_select(0, ix), *key)
             if part is None:  # a rank that does not sample
                 return None
             if out is None:
@@ -62,20 +63,20 @@ class UldCombiner:
         self.stats["per_request"] += 1
         return out
 
-    def _groups(self, n: int, rows) -> dict[tuple[float, str], list[int]]:
-        default = (float(self.alpha), self.mode)
+    def _groups(self, n: int, rows) -> dict[tuple, list[int]]:
+        """Row indices by ``(alpha, mode, penalty, gate)``."""
+        default = {"alpha": float(self.alpha), "mode": self.mode, "penalty": self.penalty,
+                   "gate": self.gate}
         if not rows:
-            return {default: list(range(n))}
-        groups: dict[tuple[float, str], list[int]] = {}
+            return {tuple(default.values()): list(range(n))}
+        groups: dict[tuple, list[int]] = {}
         for i in range(n):
-            alpha, mode = rows.get(i, (None, None))
-            key = (default[0] if alpha is None else float(alpha),
-                   default[1] if mode is None else mode)
+            key = tuple({**default, **rows.get(i, {})}.values())
             groups.setdefault(key, []).append(i)
         return groups
 
     def _combine(self, logits_processor, lm_head, h_t: torch.Tensor, h_a: torch.Tensor,
-                 alpha: float, mode: str) -> torch.Tensor | None:
+                 alpha: float, mode: str, penalty: str, gate) -> torch.Tensor | None:
         if alpha == 0.0:
             self.stats["target"] += 1
             return logits_processor(lm_head, h_t)
@@ -84,7 +85,8 @@ class UldCombiner:
         if logits is None:  # a rank that does not sample
             return None
         self.stats["combined"] += 1
-        kw = dict(alpha=alpha, filter_ratio=self.filter_ratio, mode=mode)
+        kw = dict(alpha=float(alpha), filter_ratio=self.filter_ratio, mode=mode,
+                  penalty=penalty, gate=gate)
         if self.backend == "triton":
             from uld_vllm.kernels import uld_combine
 

@@ -8,7 +8,8 @@ import os
 def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
         uld_alpha: float | None = None, uld_filter_ratio: float | None = None,
         uld_mode: str | None = None, uld_request_policy: str | None = None,
-        uld_alpha_range: tuple[float, float] | None = None, **vllm_kwargs):
+        uld_alpha_range: tuple[float, float] | None = None, uld_rule: str | None = None,
+        uld_penalty: str | None = None, uld_gate=None, **vllm_kwargs):
     """Build ``vllm.LLM(model, **vllm_kwargs)`` that decodes with ULD.
 
     Returns vLLM's own ``LLM`` object (so ``generate``, ``chat``, ``SamplingParams``, outputs
@@ -25,6 +26,10 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
     "torch"``); the arguments above win over the same keys there. Per request:
     ``SamplingParams(extra_args={"uld_alpha": 0.5, "uld_mode": "generate"})``.
 
+    The decoding rule: ``uld_penalty`` (``"above_uniform"`` or ``"logit"``), ``uld_gate``
+    (``(low, high)`` or ``"off"``), or ``uld_rule="reference"`` (the paper's rule); each left
+    out is the adapter's (``uld_config.json``).
+
     The caller of this function owns the engine, so its requests may ask for anything
     (request policy ``any``, the target's own distribution included) unless
     ``uld_request_policy`` says otherwise: ``"strengthen"`` or ``"fixed"`` with an optional
@@ -39,9 +44,12 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
     if uld_adapter is None:
         return vllm.LLM(model, **vllm_kwargs)
     from uld_vllm.engine.settings import (
+        UNSET,
         WORKER_EXTENSION,
         check_engine_options,
         engine_overrides,
+        parse_gate,
+        rule_settings,
         v1_model_runner,
         with_request_controls,
     )
@@ -60,6 +68,8 @@ def LLM(model: str, uld_adapter: str | os.PathLike | None = None, *,
     hf, extra = engine_overrides(
         model, uld_adapter, alpha=uld_alpha, filter_ratio=uld_filter_ratio, mode=uld_mode,
         request_policy=uld_request_policy, alpha_range=uld_alpha_range,
+        rule=rule_settings(uld_rule, uld_penalty,
+                           UNSET if uld_gate is None else parse_gate(uld_gate)),
         hf_overrides=vllm_kwargs.pop("hf_overrides", None),
         additional_config=additional,
         revision=vllm_kwargs.get("revision"),

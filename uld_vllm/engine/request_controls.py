@@ -1,4 +1,6 @@
-"""Per-request ULD controls: ``uld_alpha`` / ``uld_mode`` in ``SamplingParams.extra_args``.
+"""Per-request ULD controls: ``uld_alpha``, ``uld_mode``, ``uld_penalty``, ``uld_gate`` in
+``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP): a request's own values of the
+engine's settings of the same names (``UldSettings``).
 
 Where the values travel (vLLM V1 model runner):
 
@@ -37,12 +39,15 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from uld_vllm.core.logits import MODES
+from uld_vllm.core.logits import MODES, PENALTIES, check_gate
 
 # the keys a request may set, and what they mean (named in every refusal)
 KEYS = {
     "uld_alpha": "a number >= 0 (0 serves the target's own distribution)",
     "uld_mode": f"one of {', '.join(repr(m) for m in MODES)}",
+    "uld_penalty": f"one of {', '.join(repr(p) for p in PENALTIES)}",
+    "uld_gate": "[low, high] nats of KL(p_assistant || uniform) with 0 <= low < high, or "
+                "'off'",
 }
 FQCN = "uld_vllm.engine.request_controls:UldRequestControls"
 # keys whose higher values unlearn more (alpha: more of the assistant is subtracted)
@@ -68,21 +73,24 @@ def weakens(key: str, asked, served) -> bool:
 
 
 def _show(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if value is None:
+        return "'off'"
     return f"{value:g}" if isinstance(value, (int, float)) else repr(value)
 
 
 def check_policy(extra_args: dict | None, settings) -> None:
     """``ValueError`` (one line naming the key and the operator flag that would allow it)
-    for a ``uld_*`` value that ``settings.request_policy`` or a range refuses.
-
-    The values must have passed ``parse_extra_args``."""
-    if not extra_args:
-        return
+    for a ``uld_*`` value that ``settings.request_policy`` or a range refuses (and for a
+    malformed one: ``parse_extra_args``)."""
+    overrides = parse_extra_args(extra_args)
     policy = settings.request_policy
     for key in KEYS:
-        asked = extra_args.get(key)
-        if asked is None:
+        field = served_field(key)
+        if field not in overrides:
             continue
+        asked = overrides[field]
         served = getattr(settings, served_field(key))
         weaker = weakens(key, asked, served)
         if policy == "fixed" and asked != served:
@@ -139,16 +147,16 @@ def describe_policy(settings) -> str:
     return f"request policy {settings.request_policy!r} ({POLICY_FLAG}): {rules}"
 
 
-def parse_extra_args(extra_args: dict | None) -> tuple[float | None, str | None]:
-    """``(alpha, mode)`` a request asks for (``None``: the engine's); ``ValueError`` otherwise.
-
-    The message is one line naming the key and what to send instead."""
+def parse_extra_args(extra_args: dict | None) -> dict:
+    """The settings a request asks for, ``{UldSettings field: value}`` (only those it sets);
+    ``ValueError`` otherwise, one line naming the key and what to send instead."""
     if not extra_args:
-        return None, None
+        return {}
     known = ", ".join(f"{k} ({v})" for k, v in KEYS.items())
     for key in extra_args:
         if isinstance(key, str) and key.startswith("uld_") and key not in KEYS:
             raise ValueError(f"unknown per-request ULD key {key!r}: the keys are {known}")
+    out = {}
     alpha, mode = extra_args.get("uld_alpha"), extra_args.get("uld_mode")
     if alpha is not None:
         # bool is an int in Python, and JSON true must not read as alpha 1
@@ -159,14 +167,39 @@ def parse_extra_args(extra_args: dict | None) -> tuple[float | None, str | None]
         if not math.isfinite(alpha) or alpha < 0:
             raise ValueError(f"uld_alpha must be {KEYS['uld_alpha']}, got {alpha!r}: "
                              "send a finite value >= 0")
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"uld_mode must be {KEYS['uld_mode']}, got {mode!r}: send "
-                         "'generate' (filtered-out tokens impossible) or 'score'")
-    return alpha, mode
+        out["alpha"] = alpha
+    if mode is not None:
+        if mode not in MODES:
+            raise ValueError(f"uld_mode must be {KEYS['uld_mode']}, got {mode!r}: send "
+                             "'generate' (filtered-out tokens impossible) or 'score'")
+        out["mode"] = mode
+    penalty = extra_args.get("uld_penalty")
+    if penalty is not None:
+        if penalty not in PENALTIES:
+            raise ValueError(f"uld_penalty must be {KEYS['uld_penalty']}, got {penalty!r}")
+        out["penalty"] = penalty
+    if "uld_gate" in extra_args:
+        out["gate"] = _gate(extra_args["uld_gate"])
+    return out
+
+
+def _gate(value):
+    if isinstance(value, str) and value.strip().lower() == "off":
+        return None
+    try:
+        if isinstance(value, (list, tuple)) and not any(isinstance(v, bool) for v in value):
+            gate = tuple(float(v) for v in value)
+            check_gate(gate)
+            return gate
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"uld_gate must be {KEYS['uld_gate']}, got {value!r}: send e.g. "
+                     "[1, 3] or 'off'")
 
 
 class RowControls:
-    """Per-row ``(alpha, mode)`` of the persistent batch, for the next sampled-rows call.
+    """Per-row settings of the persistent batch (``{field: value}`` of the ``uld_*`` keys a
+    row's request set), for the next sampled-rows call.
 
     Only rows that set a ``uld_*`` key are stored; the others use the engine's settings.
     ``take`` hands the rows out once per step (``update`` arms it): the first
@@ -175,7 +208,7 @@ class RowControls:
     """
 
     def __init__(self, settings=None):
-        self.rows: dict[int, tuple[float | None, str | None]] = {}
+        self.rows: dict[int, dict] = {}
         self.batch_size = 0
         self._armed = False
         # the engine's UldSettings, set by the model it serves (built after this object)
@@ -187,7 +220,7 @@ class RowControls:
             self.batch_size = batch_update.batch_size
         self._armed = True
 
-    def take(self, n: int) -> dict[int, tuple[float | None, str | None]] | None:
+    def take(self, n: int) -> dict[int, dict] | None:
         if not self._armed:
             return None
         self._armed = False
@@ -206,7 +239,7 @@ class RowControls:
         if params is None:
             return None
         try:
-            alpha, mode = parse_extra_args(params.extra_args)
+            overrides = parse_extra_args(params.extra_args)
             if self.settings is not None:
                 check_policy(params.extra_args, self.settings)
         except ValueError as exc:
@@ -216,7 +249,7 @@ class RowControls:
             _log.warning("ULD per-request controls: %s; this request is served with the "
                          "engine's settings", exc)
             return None
-        return None if alpha is None and mode is None else (alpha, mode)
+        return overrides or None
 
 
 # id(vllm_config) -> the worker's RowControls (one runner per worker process in V1)
@@ -235,12 +268,12 @@ class UldRequestControls(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        alpha, mode = parse_extra_args(sampling_params.extra_args)
-        if (alpha is not None or mode is not None) and \
+        if parse_extra_args(sampling_params.extra_args) and \
                 sampling_params.prompt_logprobs is not None:
-            raise ValueError("uld_alpha/uld_mode apply to sampled tokens only; prompt_logprobs "
-                             "always use the engine's --uld-alpha/--uld-mode: drop the uld_* "
-                             "keys from this request or ask for prompt_logprobs in another one")
+            raise ValueError("uld_* keys apply to sampled tokens only; prompt_logprobs always "
+                             "use the engine's settings (--uld-alpha, --uld-mode, ...): drop "
+                             "the uld_* keys from this request or ask for prompt_logprobs in "
+                             "another one")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.controls = RowControls()

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from uld_vllm.core.logits import MODES
+from uld_vllm.core.logits import DEFAULT_GATE, DEFAULT_PENALTY, MODES, PENALTIES, check_gate
 from uld_vllm.errors import UldError
 
 # base architecture -> ULD architecture (registered lazily by uld_vllm.engine.plugin)
@@ -47,9 +47,13 @@ BACKENDS = ("auto", "torch", "triton")  # see uld_vllm.engine.combine
 # "fixed": nothing but repeat the served values; "strengthen": raise uld_alpha, repeat the
 # others; "any": whatever the engine can compute, the target's own distribution included
 REQUEST_POLICIES = ("fixed", "strengthen", "any")
+# named rules: `--uld-rule reference` is the paper's rule exactly
+RULES = {"reference": {"penalty": "logit", "gate": None},
+         "gated": {"penalty": DEFAULT_PENALTY, "gate": DEFAULT_GATE}}
 # the additional_config["uld"] keys an engine reads; any other key is refused
-_KEYS = ("adapter", "alpha", "filter_ratio", "mode", "backend", "request_policy",
-         "alpha_range", "adapter_hash")
+_KEYS = ("adapter", "alpha", "filter_ratio", "mode", "penalty", "gate", "backend",
+         "request_policy", "alpha_range", "adapter_hash")
+UNSET = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,8 @@ class UldSettings:
     alpha: float
     filter_ratio: float
     mode: str = "generate"  # "score": masked tokens keep the target logit (TOFU scoring)
+    penalty: str = DEFAULT_PENALTY  # uld_vllm.core.logits.PENALTIES
+    gate: tuple[float, float] | None = DEFAULT_GATE  # KL(p_a || U) thresholds; None: off
     backend: str = "auto"   # "auto" | "torch" | "triton" (uld_vllm.engine.combine)
     # ULD leaves the weights untouched, so what requests may ask is the guarantee; a config
     # that does not say is served safe (uld_vllm.LLM passes "any" for its own caller)
@@ -68,9 +74,9 @@ class UldSettings:
 
     @classmethod
     def from_dict(cls, raw: Any, adapter_config=None) -> "UldSettings":
-        """Settings from ``additional_config["uld"]``; ``alpha``/``filter_ratio`` left out
-        there (a hand-written config) come from ``adapter_config``, the adapter's
-        ``UldConfig``, which the caller has read already."""
+        """Settings from ``additional_config["uld"]``; the decoding values left out there (a
+        hand-written config) come from ``adapter_config``, the adapter's ``UldConfig``, which
+        the caller has read already."""
         if not isinstance(raw, dict) or "adapter" not in raw:
             raise UldError("a ULD model class was chosen but additional_config has no "
                            "'uld': {'adapter': DIR}", "use uld_vllm.LLM(..., uld_adapter=DIR) "
@@ -88,6 +94,10 @@ class UldSettings:
                 filter_ratio=_number(raw, "filter_ratio",
                                      getattr(adapter_config, "filter_ratio", None)),
                 mode=str(raw.get("mode", "generate")),
+                penalty=str(raw.get("penalty", getattr(adapter_config, "penalty",
+                                                       DEFAULT_PENALTY))),
+                gate=parse_gate(raw.get("gate", getattr(adapter_config, "gate", DEFAULT_GATE)),
+                                "additional_config['uld']['gate']"),
                 backend=str(raw.get("backend", "auto")),
                 request_policy=str(raw.get("request_policy", "strengthen")),
                 alpha_range=_range(raw.get("alpha_range")))
@@ -97,6 +107,9 @@ class UldSettings:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise UldError(f"ULD mode {self.mode!r} is unknown", f"use one of {MODES}")
+        if self.penalty not in PENALTIES:
+            raise UldError(f"--uld-penalty {self.penalty!r} is unknown",
+                           f"use one of {', '.join(PENALTIES)}")
         if self.backend not in BACKENDS:
             raise UldError(f"ULD backend {self.backend!r} is unknown",
                            f"set additional_config['uld']['backend'] to one of {BACKENDS}")
@@ -134,7 +147,55 @@ class UldSettings:
         d = dataclasses.asdict(self)
         # additional_config travels as JSON (and is hashed as such)
         d["alpha_range"] = list(self.alpha_range) if self.alpha_range else None
+        d["gate"] = list(self.gate) if self.gate else None
         return d
+
+    @property
+    def rule(self) -> dict:
+        """What ``uld_vllm.core.logits.uld_logits`` takes besides alpha and mode."""
+        return {"filter_ratio": self.filter_ratio, "penalty": self.penalty, "gate": self.gate}
+
+
+def parse_gate(value, what: str = "--uld-gate") -> tuple[float, float] | None:
+    """A gate as ``(low, high)`` nats, or None (off): from ``"LOW,HIGH"``/``"off"``, a
+    two-number list, or None. Bad values are a one-line ``UldError`` naming ``what``."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    try:
+        if isinstance(value, str):
+            value = [float(x) for x in value.split(",")]
+        if isinstance(value, (list, tuple)) and not any(isinstance(x, bool) for x in value):
+            gate = tuple(float(x) for x in value)
+            check_gate(gate)
+            return gate
+    except (TypeError, ValueError):
+        pass
+    raise UldError(f"{what} {value!r} is not LOW,HIGH with 0 <= LOW < HIGH (nats of "
+                   "KL(p_assistant || uniform)) or off",
+                   f"e.g. {DEFAULT_GATE[0]:g},{DEFAULT_GATE[1]:g}, or off for the paper's "
+                   "ungated rule")
+
+
+def rule_settings(rule: str | None, penalty: str | None = None, gate=UNSET) -> dict:
+    """The settings a named rule stands for, merged with explicit ``penalty``/``gate``
+    (explicit values that contradict the named rule are refused)."""
+    out = {}
+    if rule is not None:
+        if rule not in RULES:
+            raise UldError(f"--uld-rule {rule!r} is unknown", f"use one of {', '.join(RULES)}")
+        out = dict(RULES[rule])
+        if penalty is not None and penalty != out["penalty"]:
+            raise UldError(f"--uld-rule {rule} means --uld-penalty {out['penalty']}, not "
+                           f"{penalty}", "drop one of the two flags")
+        if gate is not UNSET and gate != out["gate"]:
+            raise UldError(f"--uld-rule {rule} sets its own gate",
+                           "drop --uld-gate or --uld-rule")
+        return out
+    if penalty is not None:
+        out["penalty"] = penalty
+    if gate is not UNSET:
+        out["gate"] = gate
+    return out
 
 
 def parse_alpha_range(text: str) -> tuple[float, float]:
@@ -189,6 +250,7 @@ def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = N
                      filter_ratio: float | None = None, mode: str | None = None,
                      request_policy: str | None = None,
                      alpha_range: tuple[float, float] | None = None,
+                     rule: dict | None = None,
                      hf_overrides: dict | None = None,
                      additional_config: dict | None = None,
                      revision: str | None = None,
@@ -197,7 +259,8 @@ def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = N
 
     This is where a ULD engine's settings are resolved, once: the arguments given here, then
     what ``additional_config["uld"]`` already holds (e.g. ``backend``), then the adapter's
-    defaults. The worker reads the result as it is."""
+    defaults. ``rule``: ``penalty``/``gate`` (``rule_settings``). The worker reads the result
+    as it is."""
     from transformers import AutoConfig
 
     from uld_vllm.core.adapter import load_adapter
@@ -227,6 +290,7 @@ def engine_overrides(model: str, adapter: str | Path, *, alpha: float | None = N
                        ("request_policy", request_policy), ("alpha_range", alpha_range)):
         if value is not None:
             given[key] = value
+    given.update(rule or {})
     settings = UldSettings.from_dict(given, ad.config)
     hf = dict(hf_overrides or {})
     if "architectures" in hf and hf["architectures"] != [ULD_ARCHITECTURES[arch]]:

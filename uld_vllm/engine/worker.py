@@ -41,6 +41,7 @@ class UldWorkerExtension:
             return None
         c = model.uld_combiner
         return {"alpha": c.alpha, "mode": c.mode, "filter_ratio": c.filter_ratio,
+                "penalty": c.penalty, "gate": list(c.gate) if c.gate else None,
                 "backend": c.backend, "description": c.description, "stats": dict(c.stats)}
 
     def uld_forward_state(self) -> dict | None:

@@ -208,6 +208,7 @@ def tofu_eval(spec: EngineSpec, output, *, data_dir=None, forget_split: str = "f
     summary = {
         "run": name, "model": spec.model, "uld_adapter": spec.uld_adapter,
         "uld_alpha": spec.uld_alpha, "uld_filter_ratio": spec.uld_filter_ratio,
+        "uld_rule": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.uld_rule.items()},
         "forget_split": forget_split, "max_examples": max_examples,
         "examples": {k: len(v) for k, v in sets.items()}, "sources": sources,
         "retain_reference": None if retain_reference is None else str(retain_reference),

@@ -25,12 +25,17 @@ class EngineSpec:
     uld_alpha: float | None = None
     uld_filter_ratio: float | None = None
     vllm_kwargs: dict = dataclasses.field(default_factory=dict)
+    # the decoding rule's settings given (``penalty``/``gate``; engine.settings.rule_settings)
+    uld_rule: dict = dataclasses.field(default_factory=dict)
 
     def build(self):
         from uld_vllm.engine.llm import LLM
 
+        rule = dict(self.uld_rule)
         llm = LLM(self.model, uld_adapter=self.uld_adapter, uld_alpha=self.uld_alpha,
-                  uld_filter_ratio=self.uld_filter_ratio, **self.vllm_kwargs)
+                  uld_filter_ratio=self.uld_filter_ratio, uld_penalty=rule.get("penalty"),
+                  uld_gate=(rule["gate"] or "off") if "gate" in rule else None,
+                  **self.vllm_kwargs)
         warn_if_slow_dtype(llm)
         return llm
 
@@ -88,7 +93,10 @@ def engine_spec(a) -> EngineSpec:
     from uld_vllm.core.models import resolve_model
 
     a.model = resolve_model(a.model)  # callers tokenise with the same folder
-    return EngineSpec(a.model, a.uld_adapter, a.uld_alpha, a.uld_filter_ratio, kw)
+    from uld_vllm.engine.cli_args import rule_of_args
+
+    return EngineSpec(a.model, a.uld_adapter, a.uld_alpha, a.uld_filter_ratio, kw,
+                      rule_of_args(a))
 
 
 def set_uld_mode(llm, mode: str) -> None:
