@@ -496,7 +496,7 @@ AOT = """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from uld_vllm.kernels._select import _split_pass_kernel
+    from uld_vllm.kernels._select import _split_pass_kernel, _split_stats_kernel
     from uld_vllm.kernels.uld_combine import (_split_filter_kernel, _split_logprob_kernel,
                                               _split_lse_kernel, _uld_filter_kernel,
                                               _uld_logprob_kernel)
@@ -504,44 +504,70 @@ AOT = """
 
     base = dict(alpha_ptr="*fp32", stride_l="i64", stride_a="i32", V="i32", BLOCK="constexpr")
     filt = dict(k="i32", ln_r="fp32")
+    # the rule's options: scalars, and which paths run (fp32 the paper's, bf16 the gated
+    # above-uniform rule; the penalty and the gate are separate constexprs, so both compile)
+    rule = dict(log_v="fp32", gate_lo="fp32", gate_width="fp32")
+    flags = dict(STATS="constexpr", GATE="constexpr", ABOVE_UNIFORM="constexpr")
     for dt in ("bf16", "fp32"):
+        on = dt == "bf16"
+        rk = dict(STATS=on, GATE=on, ABOVE_UNIFORM=on)
         io = dict(l_ptr="*" + dt, a_ptr="*" + dt)
         comb = dict(io, out_ptr="*fp32", **base, stride_o="i32")
         samp = dict(io, ids_ptr="*i64", temp_ptr="*fp32", seed_ptr="*i64", top_k_ptr="*i32",
                     **base)
         npass = 2 if dt == "bf16" else 4  # key_passes: the radix passes the dtype needs
-        jobs = [(_uld_filter_kernel, dict(comb, **filt, SCORE_MODE="constexpr",
-                                          NPASS="constexpr"),
-                 dict(SCORE_MODE=dt == "bf16", BLOCK=4096, NPASS=npass)),
-                (_uld_logprob_kernel, comb, dict(BLOCK=4096)),
-                (_uld_sample_kernel, dict(samp, **filt, FILTER="constexpr", NPASS="constexpr"),
-                 dict(FILTER=dt == "bf16", BLOCK=4096, NPASS=npass))]
-        # split-row: the radix pass (threshold with the row max; top-k floor on scores), the
-        # writes, the r == 0 stages and the sampler's merge
+        jobs = [(_uld_filter_kernel, dict(comb, **filt, **rule, SCORE_MODE="constexpr",
+                                          NPASS="constexpr", **flags),
+                 dict(SCORE_MODE=dt == "bf16", BLOCK=4096, NPASS=npass, **rk)),
+                (_uld_filter_kernel, dict(comb, **filt, **rule, SCORE_MODE="constexpr",
+                                          NPASS="constexpr", **flags),
+                 dict(SCORE_MODE=False, BLOCK=4096, NPASS=npass, STATS=True, GATE=on,
+                      ABOVE_UNIFORM=not on)),
+                (_uld_logprob_kernel, dict(comb, **rule, **flags), dict(BLOCK=4096, **rk)),
+                (_uld_sample_kernel, dict(samp, **filt, **rule, FILTER="constexpr",
+                                          NPASS="constexpr", **flags),
+                 dict(FILTER=dt == "bf16", BLOCK=4096, NPASS=npass, **rk)),
+                (_uld_sample_kernel, dict(samp, **filt, **rule, FILTER="constexpr",
+                                          NPASS="constexpr", **flags),
+                 dict(FILTER=False, BLOCK=4096, NPASS=npass, STATS=True, GATE=True,
+                      ABOVE_UNIFORM=on))]
+        # split-row: the radix pass (threshold with the row max and the rule's statistics;
+        # top-k floor on scores), the writes, the r == 0 stages and the sampler's merge
         chunked = dict(io, stride_l="i64", stride_a="i32", V="i32", CHUNK="i32", S="i32",
                        BLOCK="constexpr")
-        split_pass = dict(chunked, k="i32", top_k_ptr="*i32", ln_r="fp32", thr_ptr="*i32",
-                          alpha_ptr="*fp32", hist_ptr="*i32", ticket_ptr="*i32",
-                          pmax_ptr="*fp32", state_ptr="*i32", PASS="constexpr",
-                          NPASS="constexpr", ON_SCORES="constexpr", S_BLOCK="constexpr")
+        split_pass = dict(chunked, B="i32", k="i32", top_k_ptr="*i32", ln_r="fp32",
+                          thr_ptr="*i32", alpha_ptr="*fp32", shift_ptr="*fp32",
+                          hist_ptr="*i32", ticket_ptr="*i32", pmax_ptr="*fp32",
+                          state_ptr="*i32", stats_ptr="*fp32", rule_ptr="*fp32", **rule,
+                          PASS="constexpr", NPASS="constexpr", ON_SCORES="constexpr",
+                          S_BLOCK="constexpr", **flags)
         for p, on_scores in ((0, False), (1, False), (0, True), (3, True)):
             jobs.append((_split_pass_kernel, split_pass,
                          dict(PASS=p, NPASS=4 if on_scores else 2, ON_SCORES=on_scores,
-                              BLOCK=2048, S_BLOCK=8)))
+                              BLOCK=2048, S_BLOCK=8, **rk)))
         out = dict(out_ptr="*fp32", alpha_ptr="*fp32", stride_o="i32")
-        jobs += [(_split_filter_kernel, dict(chunked, **out, state_ptr="*i32",
-                                             SCORE_MODE="constexpr"),
-                  dict(SCORE_MODE=dt == "bf16", BLOCK=1024)),
-                 (_split_lse_kernel, dict(chunked, part_ptr="*fp32"), dict(BLOCK=2048)),
-                 (_split_logprob_kernel, dict(chunked, **out, part_ptr="*fp32",
-                                              S_BLOCK="constexpr"),
-                  dict(BLOCK=2048, S_BLOCK=32)),
+        jobs += [(_split_filter_kernel, dict(chunked, **out, shift_ptr="*fp32",
+                                             state_ptr="*i32", SCORE_MODE="constexpr",
+                                             ABOVE_UNIFORM="constexpr"),
+                  dict(SCORE_MODE=dt == "bf16", BLOCK=1024, ABOVE_UNIFORM=on)),
+                 (_split_lse_kernel, dict(chunked, part_ptr="*fp32", STATS="constexpr"),
+                  dict(BLOCK=2048, STATS=on)),
+                 (_split_logprob_kernel, dict(chunked, **out, part_ptr="*fp32", **rule,
+                                              S_BLOCK="constexpr", **flags),
+                  dict(BLOCK=2048, S_BLOCK=32, **rk)),
                  (_split_sample_kernel, dict(chunked, ids_ptr="*i64", alpha_ptr="*fp32",
-                                             temp_ptr="*fp32", seed_ptr="*i64",
-                                             thr_ptr="*i32", floor_ptr="*i32",
-                                             pval_ptr="*fp32", pidx_ptr="*i32",
-                                             ticket_ptr="*i32", S_BLOCK="constexpr"),
-                  dict(BLOCK=2048, S_BLOCK=8))]
+                                             shift_ptr="*fp32", temp_ptr="*fp32",
+                                             seed_ptr="*i64", thr_ptr="*i32",
+                                             floor_ptr="*i32", pval_ptr="*fp32",
+                                             pidx_ptr="*i32", ticket_ptr="*i32",
+                                             ABOVE_UNIFORM="constexpr", S_BLOCK="constexpr"),
+                  dict(BLOCK=2048, S_BLOCK=8, ABOVE_UNIFORM=on)),
+                 (_split_stats_kernel, dict(a_ptr="*" + dt, stride_a="i32", V="i32",
+                                            CHUNK="i32", S="i32", B="i32", alpha_ptr="*fp32",
+                                            stats_ptr="*fp32", ticket_ptr="*i32",
+                                            rule_ptr="*fp32", **rule, GATE="constexpr",
+                                            BLOCK="constexpr", S_BLOCK="constexpr"),
+                  dict(GATE=on, BLOCK=2048, S_BLOCK=8))]
         for fn, sig, const in jobs:
             sig = {name: sig[name] for name in fn.arg_names}
             c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),

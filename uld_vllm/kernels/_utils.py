@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
 import triton
+
+from uld_vllm.core.logits import PENALTIES, check_gate
 
 try:  # where the interpreter lives has moved between Triton releases
     from triton.runtime.interpreter import InterpretedFunction
@@ -66,6 +69,24 @@ def row_vector(value, rows: int, device, dtype: torch.dtype, name: str) -> torch
             raise ValueError(f"{name} tensor must have shape [{rows}], got {tuple(value.shape)}")
         return value.to(device=device, dtype=dtype).contiguous()
     return torch.full((rows,), value, device=device, dtype=dtype)
+
+
+class Rule:
+    """The host side of the rule's options (``uld_logits``'s ``penalty`` and ``gate``) for the
+    launchers: ``flags``, the kernels' constexprs (``STATS``: the assistant row is reduced
+    first, as the gate and the above-uniform shift both need its log-sum-exp), and
+    ``scalars``, their ``(log_v, gate_lo, gate_width)`` arguments."""
+
+    def __init__(self, penalty: str, gate, V: int):
+        if penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
+        check_gate(gate)
+        self.gate = gate is not None
+        self.above_uniform = penalty == "above_uniform"
+        self.stats = self.gate or self.above_uniform
+        lo, hi = gate if gate is not None else (0.0, 1.0)
+        self.scalars = (math.log(V) if V > 0 else 0.0, float(lo), float(hi - lo))
+        self.flags = dict(STATS=self.stats, GATE=self.gate, ABOVE_UNIFORM=self.above_uniform)
 
 
 def launch_config(V: int, interpret: bool) -> dict:
