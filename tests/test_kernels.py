@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from uld_vllm import kernels  # noqa: E402
-from uld_vllm.core.logits import uld_logits  # noqa: E402
+from uld_vllm.core.logits import confidence_gate, uld_logits  # noqa: E402
 from uld_vllm.engine import combine  # noqa: E402
 from uld_vllm.errors import UldError  # noqa: E402
 
@@ -406,6 +406,187 @@ def test_sampling_distribution_matches_softmax(r, top_k, temperature, V, n):
     assert wrong > crit
 
 
+# --- the rule's options: the confidence gate and the above-uniform penalty ------------------
+
+GATE = (1.0, 3.0)
+# (penalty, gate) beside the paper's ("logit", None), which the cases above check bit for bit
+RULES = {"gate": ("logit", GATE), "above": ("above_uniform", None),
+         "gated": ("above_uniform", GATE)}
+BETWEEN, OPEN, CLOSED = 0, 1, 2  # where gated_logits puts each kind of row (cycling)
+
+
+def gated_logits(B, V, dtype=F32, *, seed=0, neg_inf=False):
+    """Assistant rows cycle half-confident / confident / near-uniform, so that the gate
+    (1, 3) is in between, open and closed (KL(p_a || U) ~ std^2 / 2 for Gaussian logits;
+    ``assert_gate_rows`` checks it). ``neg_inf`` (B >= 8): scattered -inf in both; row 2
+    (closed) -inf on a fifth of the assistant, which a closed gate ignores; row 3 a -inf
+    assistant logit on the target's top token; row 4 fewer than k finite target logits;
+    row 6 no finite assistant logit (KL 0: closed, and no shift); row 7 an all -inf target."""
+    g = torch.Generator().manual_seed(seed)
+    l = torch.randn(B, V, generator=g) * 3
+    scale = torch.tensor([2.0, 6.0, 0.01])[torch.arange(B) % 3].unsqueeze(1)
+    a = torch.randn(B, V, generator=g) * scale
+    if neg_inf:
+        l[torch.rand(B, V, generator=g) < 0.05] = NEG_INF
+        a[torch.rand(B, V, generator=g) < 0.05] = NEG_INF
+        a[2, :V // 5] = NEG_INF
+        a[3, l[3].argmax()] = NEG_INF
+        l[4, 3:] = NEG_INF
+        a[6] = NEG_INF
+        l[7] = NEG_INF
+    return l.to(DEV, dtype), a.to(DEV, dtype)
+
+
+def assert_gate_rows(a):
+    w = confidence_gate(a[:3].float(), GATE)
+    assert 0.05 < w[BETWEEN] < 0.95
+    assert w.shape[0] <= OPEN or w[OPEN] == 1.0
+    assert w.shape[0] <= CLOSED or w[CLOSED] == 0.0
+
+
+def gated_alpha(B, kind):
+    return 0.8 if kind == "float" else torch.linspace(0.3, 1.5, B).to(DEV)
+
+
+# (B, V, r, dtype, mode, neg_inf, alpha): every r, dtype and mode, B = 1 and a few, V not a
+# multiple of the block; each runs under every rule and in both launch variants
+GATED_CASES = [
+    (1, 1271, 0.1, F32, "generate", False, "float"),
+    (8, 1271, 0.01, BF16, "score", True, "row"),
+    (8, 999, 0.0, F16, "generate", True, "row"),
+    (3, 4099, 0.1, F16, "score", False, "row"),
+    (8, 4099, 0.0, F32, "score", True, "float"),
+    (8, 999, 0.1, BF16, "generate", True, "row"),
+    (5, 4099, 0.01, F16, "generate", False, "row"),
+]
+
+
+def gated_id(c):
+    B, V, r, dtype, mode, neg_inf, alpha = c
+    return f"B{B}-V{V}-r{r}-{str(dtype)[6:]}-{mode}-{alpha}" + ("-inf" if neg_inf else "")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("case", GATED_CASES, ids=gated_id)
+def test_gated_rule_matches_reference(case, rule, variant):
+    B, V, r, dtype, mode, neg_inf, alpha = case
+    penalty, gate = RULES[rule]
+    l, a = gated_logits(B, V, dtype, seed=V + B, neg_inf=neg_inf)
+    assert_gate_rows(a)
+    alpha = gated_alpha(B, alpha)
+    kw = dict(alpha=alpha, filter_ratio=r, mode=mode, penalty=penalty, gate=gate)
+    with launched("combine") as n:
+        got = uld_combine(l, a, split=VARIANTS[variant], **kw)
+    assert n.only(variant_name(VARIANTS[variant]))
+    assert not torch.isnan(got).any()
+    # the KL and the shift are sums in another order than torch's: close, not bit-exact
+    assert_logits_match(got, uld_logits(l, a, **kw), dtype, exact=False)
+    if gate is not None and r > 0 and B > CLOSED:
+        # a closed gate is a weight of exactly 0: the row is the target's, bit for bit
+        kept = got[CLOSED] != NEG_INF
+        assert torch.equal(got[CLOSED][kept], l[CLOSED].float()[kept])
+    if rule == "gate" and r > 0 and B > OPEN and EXACT:
+        # and an open one exactly 1: the paper's rule, bit for bit
+        paper = uld_logits(l, a, alpha=alpha, filter_ratio=r, mode=mode)
+        assert torch.equal(got[OPEN], paper[OPEN])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("case", [c for c in GATED_CASES if c[4] == "generate" or c[2] == 0],
+                         ids=gated_id)
+def test_gated_greedy_ids_equal_reference_argmax(case, rule, variant):
+    B, V, r, dtype, _, neg_inf, alpha = case
+    penalty, gate = RULES[rule]
+    l, a = gated_logits(B, V, dtype, seed=V + B + 1, neg_inf=neg_inf)
+    alpha = gated_alpha(B, alpha)
+    kw = dict(alpha=alpha, filter_ratio=r, penalty=penalty, gate=gate)
+    # each row's winner duplicated half a row away: a tie the first index must win
+    l, a = l.clone(), a.clone()
+    win = uld_logits(l, a, **kw).argmax(-1)
+    rows = torch.arange(B, device=DEV)
+    l[rows, (win + V // 2) % V] = l[rows, win]
+    a[rows, (win + V // 2) % V] = a[rows, win]
+    with launched("sample") as n:
+        got = uld_sample(l, a, temperature=0.0, split=VARIANTS[variant], **kw)
+    assert n.only(variant_name(VARIANTS[variant]))
+    assert torch.equal(got, uld_logits(l, a, **kw).argmax(-1))
+
+
+def test_gated_rule_on_many_programs_per_row():
+    """The automatic split (32 programs of a 32000-token row): the rule's per-chunk
+    statistics merged by the row's last program, in the logits and the greedy id."""
+    l, a = gated_logits(1, 32000, BF16, seed=4)
+    assert kernels.split_plan(1, 32000, torch.device(DEV))[0] == 32
+    kw = dict(alpha=0.8, filter_ratio=0.01, penalty="above_uniform", gate=GATE)
+    with launched("combine") as n:
+        got = uld_combine(l, a, **kw)
+    assert n.only("split")
+    want = uld_logits(l, a, **kw)
+    assert_logits_match(got, want, BF16, exact=False)
+    with launched("sample") as n:
+        assert torch.equal(uld_sample(l, a, **kw), want.argmax(-1))
+    assert n.only("split")
+
+
+@pytest.mark.parametrize("rule", ["gate", "gated"])
+def test_gated_sampling_reproducible_and_only_kept_tokens(rule):
+    """Seeded draws under the rule: split-row draws the ids of one program per row, again on
+    a rerun; only kept tokens (generate mode) and, with top-k (per row: off, 1, 3, V = off,
+    50, ...), only tokens at or above the k-th score."""
+    penalty, gate = RULES[rule]
+    B, V = 8, 1271
+    l, a = gated_logits(B, V, BF16, seed=12, neg_inf=True)
+    top_k = torch.tensor([0, 1, 3, V, 50, 0, 7, 2], device=DEV)
+    alpha = gated_alpha(B, "row")
+    rows = torch.arange(B, device=DEV)
+    for r, temperature, k in ((0.1, 0.8, top_k), (0.0, 1.5, None), (0.0, 1.0, top_k),
+                              (0.01, 3.0, top_k)):
+        kw = dict(alpha=alpha, filter_ratio=r, temperature=temperature, seeds=9, top_k=k,
+                  penalty=penalty, gate=gate)
+        with launched("sample") as n:
+            got = uld_sample(l, a, split=4, **kw)
+        assert n.only("split")
+        assert torch.equal(got, uld_sample(l, a, split=False, **kw))
+        assert torch.equal(got, uld_sample(l, a, split=4, **kw))
+        ref = uld_logits(l, a, alpha=alpha, filter_ratio=r, penalty=penalty, gate=gate)
+        chosen = ref[rows, got]
+        assert got[7] == 0  # row 7 is all -inf
+        assert bool((chosen > NEG_INF)[:7].all()), "a masked token was sampled"
+        if k is not None:
+            on = (top_k > 0) & (top_k < V)
+            kth = torch.stack([ref[i].topk(max(int(top_k[i]), 1)).values[-1]
+                               for i in range(B)])
+            assert bool((chosen >= kth)[on & (rows < 7)].all())
+            assert got[1] == ref[1].argmax()  # top_k = 1 at any temperature is greedy
+
+
+def test_gated_sampling_distribution_matches_softmax():
+    """Draws of the above-uniform rule with the gate in between, ``r == 0`` (where the sampler
+    reduces the assistant on its own): softmax(s / T), and the test has power."""
+    V, n, temperature = 64, 400, 0.9
+    g = torch.Generator().manual_seed(7)
+    l = torch.randn(1, V, generator=g) * 1.5
+    # an assistant that likes the target's likely tokens: the penalty moves the mass
+    a = l * 1.3 + torch.randn(1, V, generator=g)
+    l, a = l.to(DEV), a.to(DEV)
+    assert 0.05 < float(confidence_gate(a, GATE)[0]) < 0.95
+    kw = dict(alpha=1.5, filter_ratio=0.0, penalty="above_uniform", gate=GATE)
+    ids = uld_sample(l.expand(n, V), a.expand(n, V), temperature=temperature,
+                     seeds=torch.arange(n) * 7919 + 1, **kw)
+    counts = torch.bincount(ids, minlength=V).double().cpu()
+    s = uld_logits(l, a, **kw).double()[0].cpu()
+    stat, crit = chi_square(counts, torch.softmax(s / temperature, 0), n)
+    assert stat < crit, f"chi2 {stat:.1f} >= {crit:.1f}"
+    # the same draws reject the rule without its gate, the target alone (a closed gate) and
+    # the paper's rule
+    for wrong_kw in (dict(kw, gate=None), dict(kw, alpha=0.0), dict(alpha=1.5,
+                                                                   filter_ratio=0.0)):
+        wrong = uld_logits(l, a, **wrong_kw).double()[0].cpu()
+        assert chi_square(counts, torch.softmax(wrong / temperature, 0), n)[0] > crit
+
+
 def test_input_errors():
     l, a = make_logits(3, 64)
     with pytest.raises(ValueError, match="same shape"):
@@ -422,6 +603,11 @@ def test_input_errors():
         uld_combine(l, a, alpha=torch.ones(4))
     with pytest.raises(ValueError, match="temperature"):
         uld_sample(l, a, temperature=-1.0)
+    with pytest.raises(ValueError, match="penalty"):
+        uld_combine(l, a, penalty="relu")
+    for gate in ((3.0, 1.0), (1.0,), "1,3"):
+        with pytest.raises(ValueError, match="gate"):
+            uld_sample(l, a, gate=gate)
     assert uld_combine(l[:0], a[:0]).shape == (0, 64)
     assert uld_sample(l[:0], a[:0]).shape == (0,)
 
