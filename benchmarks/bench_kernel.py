@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernel.py [--dtype bfloat16] [--filter-ratio 0.01] [--out F.json]
     python benchmarks/bench_kernel.py --variant split --split-programs 8   # one variant
+    python benchmarks/bench_kernel.py --rule gated    # the gate + above-uniform penalty
     python benchmarks/bench_kernel.py --interpret     # no GPU: a CPU correctness smoke only
 
 For each B in {1, 32, 256} and V in {32000, 128256, 151936} and each launch variant
@@ -14,6 +15,10 @@ output written once, ``2*B*V*elem + 4*B*V`` (``2*B*V*elem`` for sampling, which 
 ids); the kernels' repeated passes over the target row for the selection are extra traffic
 (or L2 hits), so GB/s near the peak means they cost little. GB/s and % of HBM peak are
 reported per variant (the ``variant`` column shows what ran: ``row`` or ``split/S``).
+``--rule`` picks the decoding rule: ``reference`` (the paper's, the default) or ``gated`` (the
+confidence gate and the above-uniform penalty at ``uld_vllm.core.logits``'s defaults), which
+adds the kernels' reduction of the assistant row to what is timed; the bytes counted stay the
+same minimum.
 Real numbers need CUDA; without it the script exits with status 2 saying so, unless
 --interpret asks for a tiny correctness smoke in the Triton interpreter (no timings: they
 would mean nothing there).
@@ -32,6 +37,7 @@ BATCHES = (1, 32, 256)
 VOCABS = (32000, 128256, 151936)
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0}
 VARIANTS = ("row", "split", "auto", "all")
+RULES = ("reference", "gated")
 
 
 def parse_args(argv=None):
@@ -39,6 +45,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--filter-ratio", type=float, default=0.01)
     p.add_argument("--alpha", type=float, default=0.8)
+    p.add_argument("--rule", choices=RULES, default="reference",
+                   help="decoding rule: reference = the paper's (default), gated = the "
+                        "confidence gate and the above-uniform penalty at the library's "
+                        "defaults (random logits have KL(p_a || U) ~ std^2 / 2 nats: the "
+                        "default --logit-scale opens the gate; the kernels do the same work "
+                        "at any weight)")
     p.add_argument("--logit-scale", type=float, default=3.0,
                    help="std of the random logits; >= ~1 makes the top-k floor decide (the "
                         "selection's worst case), ~0.05 lets the ratio test decide")
@@ -88,13 +100,23 @@ def make_inputs(B, V, dtype, scale, device):
     return l.to(dtype), a.to(dtype)
 
 
+def rule_kw(args) -> dict:
+    """The ``uld_logits`` / kernel keywords of ``--rule`` (none for the paper's rule: it is
+    their default)."""
+    if args.rule == "reference":
+        return {}
+    from uld_vllm.core.logits import DEFAULT_GATE, DEFAULT_PENALTY
+
+    return dict(penalty=DEFAULT_PENALTY, gate=DEFAULT_GATE)
+
+
 def check(l, a, args, split=None) -> bool:
     import torch
 
     from uld_vllm import kernels
     from uld_vllm.core.logits import uld_logits
 
-    kw = dict(alpha=args.alpha, filter_ratio=args.filter_ratio)
+    kw = dict(alpha=args.alpha, filter_ratio=args.filter_ratio, **rule_kw(args))
     got, want = kernels.uld_combine(l, a, split=split, **kw), uld_logits(l, a, **kw)
     same_mask = torch.equal(got == float("-inf"), want == float("-inf"))
     fin = want != float("-inf")
@@ -138,11 +160,11 @@ def run_cuda(args) -> None:
     peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in name), None)
     dtype = getattr(torch, args.dtype)
     elem = torch.empty((), dtype=dtype).element_size()
-    kw = dict(alpha=args.alpha, filter_ratio=args.filter_ratio)
+    kw = dict(alpha=args.alpha, filter_ratio=args.filter_ratio, **rule_kw(args))
     variants = variant_splits(args)
     device = torch.device("cuda")
     print(f"GPU: {name}; dtype {args.dtype}, r = {args.filter_ratio}, alpha = {args.alpha}, "
-          f"logit std {args.logit_scale}; peak {peak or '?'} GB/s; variants "
+          f"rule {args.rule}, logit std {args.logit_scale}; peak {peak or '?'} GB/s; variants "
           f"{', '.join(variants)}")
     head = (f"{'op':<8}{'variant':>10}{'B':>5}{'V':>8}{'ok':>4}{'ref ms':>9}{'kernel ms':>11}"
             f"{'speedup':>9}{'GB/s':>8}{'% peak':>8}")
@@ -175,7 +197,10 @@ def run_cuda(args) -> None:
             torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(dict(gpu=name, dtype=args.dtype, filter_ratio=args.filter_ratio,
-                       alpha=args.alpha, logit_scale=args.logit_scale, variant=args.variant,
+                       alpha=args.alpha, rule=args.rule,
+                       penalty=rule_kw(args).get("penalty", "logit"),
+                       gate=rule_kw(args).get("gate"),
+                       logit_scale=args.logit_scale, variant=args.variant,
                        split_programs=args.split_programs, command=" ".join(sys.argv),
                        date=datetime.date.today().isoformat(), rows=rows), f, indent=2)
     print(f"wrote {args.out}")
@@ -197,7 +222,8 @@ def run_interpret_smoke(args) -> None:
             good = check(l, a, args, split_here)
             ok &= good
             ran = launched_as(B, V, torch.device("cpu"), split_here)
-            print(f"  {variant} ({ran}) B={B} V={V} {args.dtype} r={args.filter_ratio}: "
+            print(f"  {variant} ({ran}) B={B} V={V} {args.dtype} r={args.filter_ratio} "
+                  f"rule={args.rule}: "
                   f"{'matches uld_logits' if good else 'MISMATCH'}")
     if not ok:
         sys.exit(1)
