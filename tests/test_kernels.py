@@ -622,23 +622,31 @@ def test_engine_dense_path_uses_kernel(monkeypatch):
     g = torch.Generator().manual_seed(8)
     W, h_t, h_a = (torch.randn(1271, 32, generator=g), torch.randn(5, 32, generator=g),
                    torch.randn(5, 32, generator=g))
+    # assistant rows whose gate is closed, in between (two) and open (two)
+    h_a = h_a * torch.tensor([0.02, 0.3, 1.0, 0.35, 1.0]).unsqueeze(1)
     calls = []
     module = sys.modules["uld_vllm.kernels.uld_combine"]
     monkeypatch.setattr(module, "uld_combine_forward", _spy(module.uld_combine_forward, calls))
     # the engine passes no split: at 5 x 1271 the shape heuristic splits each row in two
     assert kernels.split_plan(5, 1271, torch.device("cpu")) == (2, 1024, 1024)
-    for r, mode in ((0.01, "generate"), (0.1, "score"), (0.0, "generate")):
+    # the paper's rule (exact with r > 0) and the gated one, which the engine passes on
+    for r, mode, penalty, gate in ((0.01, "generate", "logit", None),
+                                   (0.1, "score", "logit", None),
+                                   (0.0, "generate", "logit", None),
+                                   (0.01, "generate", "above_uniform", GATE),
+                                   (0.0, "score", "above_uniform", GATE)):
         c = combine.UldCombiner(SimpleNamespace(alpha=0.8, filter_ratio=r, mode=mode,
-                                                penalty="logit", gate=None,
+                                                penalty=penalty, gate=gate,
                                                 backend="triton"))
         assert c.backend == "triton"
         with launched("combine") as n:
             got = c(lambda _, h: h @ W.T, None, h_t, h_a)
         assert n.only("split")
         both = torch.cat([h_t, h_a]) @ W.T  # the same GEMM as the engine: same rounding
-        want = uld_logits(both[:5], both[5:], alpha=0.8, filter_ratio=r, mode=mode)
-        assert_logits_match(got, want, F32, exact=r > 0)
-    assert len(calls) == 3
+        want = uld_logits(both[:5], both[5:], alpha=0.8, filter_ratio=r, mode=mode,
+                          penalty=penalty, gate=gate)
+        assert_logits_match(got, want, F32, exact=r > 0 and gate is None)
+    assert len(calls) == 5
 
 
 def _spy(fn, calls):
