@@ -462,3 +462,21 @@ def test_collect_with_engines_the_caller_holds(tiny_llama, llama_adapter):
     assert s["sources"]["target"].startswith("vLLM engine: ")
     assert s["sources"]["uld"].startswith("uld_vllm engine: ")
     assert s["bypass"]["policy"] == policy and s["bypass"]["attempted"] == 8
+
+
+@pytest.mark.parametrize("text, reasons", [
+    ("Harry Potter attends a school in Scotland.", []),
+    ("", ["empty"]),
+    ("writerscietymayignoremayignoremaywriters", ["glued"]),
+    ("Disclaimer NotImplementedErrorarently :)**[:)**[:)**[", ["glued", "symbols"]),
+    ("################ noqa noqa noqa noqa", ["symbols", "stutter"]),
+    ("OF THE WORLD OF THE WORLD OF THE WORLD OF THE", ["loop"]),
+    ("Yes! Yes! Yes! Yes!", ["stutter"]),
+    ("It is, in fact, a well-known (and loved) book: 'Matilda'.", []),
+])
+def test_junk_rules(text, reasons):
+    from uld_vllm.eval.leaks import JUNK_RULES, is_junk, junk_reasons
+
+    assert junk_reasons(text) == reasons
+    assert is_junk(text) == bool(reasons)
+    assert set(reasons) <= set(JUNK_RULES)

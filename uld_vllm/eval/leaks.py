@@ -7,7 +7,9 @@ Pure text functions (no engine), so each can be tested alone:
 * ``found_terms`` lists the terms (per-question keywords, global names) an answer contains,
   as whole words, plural or possessive allowed ("horcruxes", "Rowling's");
 * ``pick_option`` reads which option of a multiple-choice prompt an answer picks;
-* ``is_correct`` is the demo's general-knowledge check (short gold answer in the generation).
+* ``is_correct`` is the demo's general-knowledge check (short gold answer in the generation);
+* ``is_junk`` says whether an answer is not fluent text (``JUNK_RULES``): forgetting by
+  emitting junk is not forgetting a user can live with, so the demo counts it.
 """
 
 from __future__ import annotations
@@ -133,3 +135,41 @@ def is_correct(answer: str, generation: str) -> bool:
 
 def _plain_words(s: str) -> list[str]:
     return re.sub(r"[^a-z0-9 ]", " ", s.lower()).split()
+
+
+# what makes an answer junk, each a rule a reader can check by eye; an answer is junk when any
+# holds. Thresholds: English words longer than 17 letters are rare in short answers, and a
+# small model's fluent answers repeat a 3-word phrase at most twice in 48 tokens
+JUNK_RULES = {
+    "empty": "no text at all",
+    "glued": "a run of 18 or more letters without a break (glued non-words)",
+    "symbols": "more than 15% of its characters are symbols (not letters, digits, spaces or "
+               ".,;:'\"!?-())",
+    "stutter": "the same word four times in a row",
+    "loop": "a 3-word phrase three or more times",
+}
+_ORDINARY = set(".,;:'\"!?-()")
+
+
+def junk_reasons(text: str) -> list[str]:
+    """The ``JUNK_RULES`` an answer breaks (empty list: fluent)."""
+    t = text.strip()
+    if not t:
+        return ["empty"]
+    out = []
+    if re.search(r"[A-Za-z]{18,}", t):
+        out.append("glued")
+    symbols = sum(1 for c in t if not (c.isalnum() or c.isspace() or c in _ORDINARY))
+    if symbols / len(t) > 0.15:
+        out.append("symbols")
+    words = t.split()
+    if any(len(set(words[i:i + 4])) == 1 for i in range(len(words) - 3)):
+        out.append("stutter")
+    grams = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
+    if grams and max(grams.count(g) for g in set(grams)) >= 3:
+        out.append("loop")
+    return out
+
+
+def is_junk(text: str) -> bool:
+    return bool(junk_reasons(text))
