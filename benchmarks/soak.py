@@ -18,9 +18,10 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import sys
 import time
+
+from uld_vllm.bench.server import leak_check
 
 ALPHAS = (None, 0.0, 0.5, 1.0)
 # each must be refused with a 400, also when streaming (before the stream's 200)
@@ -90,25 +91,6 @@ async def drive(base: str, model: str, reqs: list[dict], max_tokens: int,
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         return list(await asyncio.gather(*(limited(client, r) for r in reqs)))
-
-
-def leak_check(base: str, timeout: float = 30.0) -> dict:
-    """What /health and /metrics say once the server is idle (or ``timeout`` is up): the
-    aborts of cut streams reach the engine asynchronously."""
-    import httpx
-
-    names = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
-    deadline = time.monotonic() + timeout
-    while True:
-        got = {"health": httpx.get(f"{base}/health", timeout=10).status_code}
-        text = httpx.get(f"{base}/metrics", timeout=10).text
-        for n in names:  # summed over label sets; None when vLLM does not export it
-            vals = [float(m) for m in re.findall(rf"^vllm:{n}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
-            got[n] = sum(vals) if vals else None
-        got["idle"] = got["health"] == 200 and all(got[n] == 0 for n in names)
-        if got["idle"] or time.monotonic() > deadline:
-            return got
-        time.sleep(0.5)
 
 
 def problems(recs: list[dict], leaks: dict) -> list[str]:

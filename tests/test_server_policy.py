@@ -9,8 +9,8 @@ import httpx
 import pytest
 import torch
 from engine_helpers import running_server
-from uld_vllm.bench.soak import leak_check
 
+from uld_vllm.bench.server import leak_check
 from uld_vllm.core.reference import ReferenceDecoder
 
 pytestmark = pytest.mark.engine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -57,3 +58,22 @@ def serving(serve_args: list[str], log: Path, *, timeout: float = 600, env=None)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)  # the group started above, nothing else
                 proc.wait(timeout=30)
+
+
+def leak_check(base: str, timeout: float = 30.0) -> dict:
+    """What /health and /metrics say once the server is idle (or ``timeout`` is up): the
+    aborts of cut streams reach the engine asynchronously."""
+    import httpx  # the serving extra; plain `uld-vllm bench` does not need it
+
+    names = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+    deadline = time.monotonic() + timeout
+    while True:
+        got = {"health": httpx.get(f"{base}/health", timeout=10).status_code}
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        for n in names:  # summed over label sets; None when vLLM does not export it
+            vals = [float(m) for m in re.findall(rf"^vllm:{n}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+            got[n] = sum(vals) if vals else None
+        got["idle"] = got["health"] == 200 and all(got[n] == 0 for n in names)
+        if got["idle"] or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
