@@ -62,11 +62,32 @@ def test_summary_and_goals_from_answers():
     assert s["forget"]["by_kind"]["paraphrase"] == {"target": 1.0, "uld": 0.0, "questions": 1}
     assert s["retain"]["target"]["accuracy"] == 0.5 and s["retain"]["uld"]["accuracy"] == 1.0
     assert s["retain"]["target_correct"] == 1 and s["retain"]["uld_kept_of_target_correct"] == 1
+    s["rules"] = {demo.DEFAULT_RULE: demo.rule_row(data, target, uld)}
+    assert s["rules"][demo.DEFAULT_RULE] == {
+        "topic": 0.5, "junk": 0.0, "general_accuracy": 1.0, "general_identical": 0.0,
+        "general_rougeL_vs_target": 0.5}  # recall of "Paris." 1, of "Milan." 0
+    s["audit"] = {"forget": {"sampled": {"uld": {"leak": 0.25}}},
+                  "bypass": {"refused": 5, "attempted": 5}}
     goals = {g: ok for g, ok, _ in demo.goals(s, wall_s=700)}
     assert goals["forget-topic answers: target >= 70%"] is True
     assert goals["forget-topic answers: ULD <= 10%"] is False
-    assert goals["retain accuracy within 2 points of the target's"] is True
+    assert goals["junk forget answers: ULD <= 10%"] is True
+    assert goals["general answers identical to the target's >= 95%"] is False
+    assert goals["general accuracy within 1 point of the target's"] is True
+    assert goals["sampled leak@8 (T 1, top-p 0.95): ULD <= 20%"] is False
+    assert goals["bypass attempts refused (default request policy): 100%"] is True
     assert goals["demo wall time <= 10 min"] is False
+    table = demo.rules_table(s["rules"])
+    assert table.splitlines()[0].split()[:2] == ["rule", "topic"] and "50%" in table
+
+
+def test_rule_rows_count_junk_and_identical_answers():
+    data = {"heldout": [{"question": "q1"}, {"question": "q2"}],
+            "gk_eval": [{"question": "g1", "answer": "Paris"}]}
+    target = {"q1": "Hogwarts.", "q2": "Hedwig.", "g1": "It is Paris."}
+    row = demo.rule_row(data, target, {"q1": "writerscietymayignoremayignoremay", "q2": "",
+                                        "g1": "It is Paris. "})
+    assert row["junk"] == 1.0 and row["topic"] == 0.0 and row["general_identical"] == 1.0
 
 
 def test_general_knowledge_halves_exclude_the_topic(shared_data):
@@ -92,15 +113,21 @@ def test_real_demo_smoke(tmp_path, shared_data, smollm2, capsys):
     s = demo.run_demo(tmp_path / "w", data_dir=shared_data, limit=3, show=2,
                       train={"num_train_epochs": 1, "max_length": 64, "stop_at_targets": False})
     out = capsys.readouterr().out
-    assert "[4/4]" in out and "reference answer" in out and "goals:" in out
+    assert "[5/5]" in out and "reference answer" in out and "goals:" in out
+    assert "decoding rules" in out and "bypass" in out
     for name in ("forget.jsonl", "retain.jsonl", "answers.jsonl", "summary.json", "summary.md"):
         assert (tmp_path / "w" / name).is_file(), name
     assert (tmp_path / "w" / "uld_adapter" / "uld_config.json").is_file()
     saved = json.loads((tmp_path / "w" / "summary.json").read_text())
     assert saved["questions"] == {"forget_heldout": 3, "retain_eval": 3}
-    assert saved["convergence"]["optimizer_steps"] >= 1 and len(saved["goals"]) == 4
+    assert saved["convergence"]["optimizer_steps"] >= 1 and len(saved["goals"]) == 8
+    assert set(saved["rules"]) == {"target alone", *demo.DEMO_RULES}
+    assert saved["rules"]["target alone"]["general_identical"] == 1.0
+    assert saved["audit"]["bypass"]["refused"] == saved["audit"]["bypass"]["attempted"] > 0
+    assert (tmp_path / "w" / "audit" / "audit.json").is_file()
     rows = demo.read_jsonl(tmp_path / "w" / "answers.jsonl")
     assert len(rows) == 6 and all(r["target"] and "uld" in r for r in rows)
+    assert all(set(r["rules"]) == set(demo.DEMO_RULES) for r in rows)
     for side in ("forget", "retain"):
         for name in ("target", "uld"):
             assert all(0 <= v <= 1 for v in s[side][name].values())

@@ -32,10 +32,12 @@ layers); the README's TOFU-mini section gives every choice and its reason:
   0.05 nats (``--target-stop-loss``, 0: never): each answer token then gets ~95% of the
   probability, enough for greedy decoding to recite it. TOFU fine-tunes Llama-2-7B for 5
   epochs at 1e-5; a 135 M model on 80 rows needs a larger step and more steps.
-* ULD: K = N/4 rounded half up (8 of 30), LoRA r 16 / alpha 32, lr 1e-3, batch 8, <= 5
-  epochs with the trainer's convergence stop, beta 5, every retain row plus 2 perturbed
+* ULD: K = N/4 rounded half up (8 of 30), LoRA r 16 / alpha 32, lr 3e-3, batch 8, <= 10
+  epochs with the trainer's convergence stop (at lr 1e-3 and 5 epochs the assistant ended at
+  L_f 7.2 nats: it never learned the forget answers), beta 5, every retain row plus 2 perturbed
   answers per forget question on the retain side, 1 paraphrased question x 2 paraphrased
-  answers per forget row on the forget side; decoding alpha 0.8, filter 0.01.
+  answers per forget row on the forget side; decoding alpha 0.8, filter 0.01, and the rule
+  the adapter carries (the library's default: the gated above-uniform penalty).
 * GA / GD / NPO: OpenUnlearning's TOFU recipe (batch 32, weight decay 0.01, one warm-up
   epoch, NPO beta 0.1, alpha = gamma = 1 with a retain NLL term) with two changes: the
   learning rate is the target's (OpenUnlearning unlearns at the rate its targets were
@@ -122,8 +124,8 @@ class TofuMiniConfig:
     forget_weight: float = 1.0  # OpenUnlearning's gamma
     # ULD
     uld_num_layers: int = 0  # 0: N/4 rounded half up
-    uld_epochs: float = 5.0
-    uld_lr: float = 1e-3
+    uld_epochs: float = 10.0
+    uld_lr: float = 3e-3
     uld_batch_size: int = 8
     uld_micro_batch_size: int = 8
     uld_alpha: float = 0.8
