@@ -160,6 +160,9 @@ def test_an_adapter_is_read_once_until_it_changes(tiny_llama, tmp_path, monkeypa
     monkeypatch.setattr(mod, "_read_adapter", lambda p: reads.append(p) or real(p))
     first = mod.load_adapter(path)
     assert mod.load_adapter(str(path)).config == first.config and len(reads) == 1
+    # each caller gets its own copy: changing one changes neither the cache nor the others
+    first.config.base_fingerprint = "changed"
+    assert mod.load_adapter(path).config.base_fingerprint != "changed" and len(reads) == 1
     reads.clear()
     # the writer validates what it wrote, which reads the new folder (once) into the cache
     make_random_adapter(tiny_llama, path, num_layers=2, seed=3, overwrite=True)

@@ -98,7 +98,7 @@ def test_every_stage_writes_its_files(experiment):
 def test_report_fields(experiment):
     out, _ = experiment
     rep = out / "report"
-    for f in ("summary.md", "summary.json", "fq_vs_mu.png"):
+    for f in ("summary.md", "summary.json", "fq_vs_mu.png", "uld_convergence.png"):
         assert (rep / f).stat().st_size > 0
     assert (rep / "fq_vs_mu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     s = json.loads((rep / "summary.json").read_text())
@@ -129,7 +129,7 @@ def test_report_fields(experiment):
     assert set(s["stages_wall_s"]) == set(STAGES) - {"report"}
     assert s["total_wall_s_before_report"] == pytest.approx(sum(s["stages_wall_s"].values()),
                                                             abs=0.01)
-    assert len(s["goals"]) == 6 and all({"goal", "value", "met"} == set(g) for g in s["goals"])
+    assert len(s["goals"]) == 9 and all({"goal", "value", "met"} == set(g) for g in s["goals"])
     md = (rep / "summary.md").read_text()
     assert "| method | forget quality | model utility | forget ROUGE | forget probability | " \
            "retain ROUGE | wall time (s) |" in md

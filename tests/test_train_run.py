@@ -364,3 +364,13 @@ def test_gradient_accumulation_averages_micro_batches(setup, tmp_path):
     assert moved and all(w1[k].abs().max() > 0 for k in moved)  # the step did move them
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-7)
+
+
+def test_convergence_plot_from_a_train_log(tmp_path):
+    from uld_vllm.train.curves import plot_convergence
+
+    log = {"config": {"target_forget_loss": 0.5, "target_retain_kl": 0.5},
+           "steps": [{"step": i, "loss": 1.0, "loss_forget": 4.0 / i, "loss_retain": 1.0 / i}
+                     for i in range(1, 20)] + [{"step": 20, "loss": 1.0}]}
+    out = plot_convergence({"run": log, "other": log}, tmp_path / "c.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000

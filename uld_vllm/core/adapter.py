@@ -11,6 +11,7 @@ No base weights are stored: the assistant is rebuilt from the target's first K l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -142,11 +143,11 @@ def load_adapter(path: str | os.PathLike) -> UldAdapter:
     stamp = tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in path.iterdir()
                          if f.is_file() for st in [f.stat()]))
     cached = _LOADED.get(path.resolve())
-    if cached is not None and cached[0] == stamp:
-        return dataclasses.replace(cached[1], path=path)
-    adapter = _read_adapter(path)
-    _LOADED[path.resolve()] = (stamp, adapter)
-    return adapter
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, _read_adapter(path))
+        _LOADED[path.resolve()] = cached
+    # a copy each time: a caller that changes its adapter's settings changes no one else's
+    return copy.deepcopy(dataclasses.replace(cached[1], path=path))
 
 
 def _read_adapter(path: Path) -> UldAdapter:

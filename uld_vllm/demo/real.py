@@ -74,15 +74,15 @@ DEMO_RULES = {
     "above uniform, no gate": {"uld_gate": "off"},
 }
 DEFAULT_RULE = next(iter(DEMO_RULES))
-# what the audit runs here: every probe that needs no paraphrase file, at fewer tokens than
-# the table (a leak shows in the first sentence), and the bypass attempts
-AUDIT_PROBES = ("greedy", "sampled", "language", "json", "spelled", "multiple_choice",
-                "multi_turn", "complete", "bypass")
+# what the audit adds to the table (greedy answers and paraphrases are in it already): leak@8,
+# two format shifts, recognition, and the bypass attempts, at fewer tokens than the table (a
+# leak shows in the first sentence); `uld-vllm audit` runs every probe
+AUDIT_PROBES = ("sampled", "language", "json", "multiple_choice", "bypass")
 AUDIT_TOKENS = 32
 ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0,
           "kv_cache_memory_bytes": KV_CACHE_BYTES}
 _OUTPUTS = ("forget.jsonl", "retain.jsonl", "uld_adapter", "uld_adapter.checkpoints",
-            "answers.jsonl", "summary.json", "summary.md", "audit")
+            "answers.jsonl", "summary.json", "summary.md", "convergence.png", "audit")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -120,14 +120,27 @@ def load_data(data_dir: Path) -> dict[str, list[dict]]:
                      for r in full[::step][:N_TOFU_RETAIN]]}
 
 
-def _answers(llm, prompts: list[list[int]], max_tokens: int = MAX_NEW_TOKENS,
-             extra_args: dict | None = None) -> list[str]:
+def _answers(llm, prompts: list[list[int]], max_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                            extra_args=dict(extra_args) if extra_args else None)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
     return [o.outputs[0].text.strip() for o in outs]
+
+
+def _answers_by_rule(llm, prompts: list[list[int]], rules: dict[str, dict]
+                     ) -> dict[str, list[str]]:
+    """Every prompt under every rule, in one batch: each request carries its rule's keys."""
+    from vllm import SamplingParams
+
+    jobs = [(name, p) for name in rules for p in prompts]
+    params = [SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0,
+                             extra_args=dict(rules[name]) or None) for name, _ in jobs]
+    outs = llm.generate([{"prompt_token_ids": p} for _, p in jobs], params, use_tqdm=True)
+    got: dict[str, list[str]] = {name: [] for name in rules}
+    for (name, _), o in zip(jobs, outs):
+        got[name].append(o.outputs[0].text.strip())
+    return got
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -246,6 +259,7 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     from uld_vllm.eval.audit import collect
     from uld_vllm.jobs.spec import shutdown
     from uld_vllm.train import make_config, run_training
+    from uld_vllm.train.curves import plot_convergence, read_train_log
 
     t0 = time.perf_counter()
     work = Path(workdir)
@@ -295,6 +309,7 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     adapter = run_training(cfg, log=_indent(log))
     train_s = time.perf_counter() - t_train
     conv = adapter.config.training
+    plot_convergence({"demo assistant": read_train_log(adapter.path)}, work / "convergence.png")
     log(f"[3/5] ULD adapter: K={recipe['num_layers']} of 30 layers, {len(forget)} forget rows, "
         f"{len(retain)} retain rows, {conv['optimizer_steps']} steps in {train_s:.0f} s; "
         f"L_f {conv['forget_loss']:.3f}, L_r {conv['retain_kl']:.3f} "
@@ -306,9 +321,8 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     # the operator's own engine (policy 'any'): each rule of the table is a per-request key
     llm = uld_vllm.LLM(model, uld_adapter=str(adapter.path), **ENGINE)
     try:
-        by_rule = {name: dict(zip(probe, _answers(llm, [fmt.encode_prompt(q) for q in probe],
-                                                  extra_args=keys)))
-                   for name, keys in DEMO_RULES.items()}
+        got = _answers_by_rule(llm, [fmt.encode_prompt(q) for q in probe], DEMO_RULES)
+        by_rule = {name: dict(zip(probe, answers)) for name, answers in got.items()}
     finally:
         shutdown(llm)
     uld = by_rule[DEFAULT_RULE]

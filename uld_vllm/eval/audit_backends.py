@@ -10,7 +10,6 @@ subclass) when the request is admitted, which is where ``uld_vllm.LLM`` checks p
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 from uld_vllm.errors import UldError
@@ -118,21 +117,13 @@ class _OwnedEngine(EngineBackend):
             self.llm = None
 
 
-def build_uld_engine(model: str, adapter, *, policy: str | None = POLICY, **kwargs):
-    """``(uld_vllm.LLM(model, uld_adapter=adapter, uld_request_policy=policy, ...), policy)``;
-    where this uld_vllm has no ``uld_request_policy`` yet, the engine without it and None (its
-    bypass attempts then show what such an engine lets through)."""
+def build_uld_engine(model: str, adapter, *, policy: str = POLICY, **kwargs):
+    """``(uld_vllm.LLM(model, uld_adapter=adapter, uld_request_policy=policy, ...), policy)``:
+    the audit's ULD engine under a server's request policy, so that its bypass attempts
+    measure what a served model lets through."""
     from uld_vllm.engine.llm import LLM
 
-    if policy is not None:
-        try:
-            return LLM(model, uld_adapter=adapter, uld_request_policy=policy, **kwargs), policy
-        except TypeError as exc:
-            if "uld_request_policy" not in str(exc):
-                raise
-            print("uld-vllm: audit: this uld_vllm.LLM has no uld_request_policy; the ULD "
-                  "engine runs without a request policy", file=sys.stderr, flush=True)
-    return LLM(model, uld_adapter=adapter, **kwargs), None
+    return LLM(model, uld_adapter=adapter, uld_request_policy=policy, **kwargs), policy
 
 
 class OfflineEngines:

@@ -19,9 +19,9 @@ model:
    ULD engine.
 5. ``ga``, ``gd``, ``npo``: ``uld_vllm.baselines`` on the target, each an HF folder evaluated
    by ``eval tofu``.
-6. ``report``: ``summary.md``, ``summary.json``, ``fq_vs_mu.png`` and OpenUnlearning result
-   files per method (``openunlearning/<method>/``), every method's forget quality against the
-   retain model (the target's included).
+6. ``report``: ``summary.md``, ``summary.json``, ``fq_vs_mu.png``, ``uld_convergence.png``
+   and OpenUnlearning result files per method (``openunlearning/<method>/``), every method's
+   forget quality against the retain model (the target's included).
 
 The defaults are TOFU shrunk to fit 90 minutes on a 2-core CPU with SmolLM2-135M-Instruct (30
 layers); the README's TOFU-mini section gives every choice and its reason:
@@ -445,6 +445,11 @@ class TofuMini:
                                                        for k, v in stages.items())]
         (folder / "summary.md").write_text("\n".join(lines) + "\n")
         plot_fq_vs_mu(rows, folder / "fq_vs_mu.png")
+        if "uld" in rows:
+            from uld_vllm.train.curves import plot_convergence, read_train_log
+
+            plot_convergence({"ULD assistant": read_train_log(self.out / "uld" / "adapter")},
+                             folder / "uld_convergence.png")
         self.log(table)
         for g in goals:
             self.log(f"[{'met' if g['met'] else 'MISSED'}] {g['goal']}: {_num(g['value'])}")
@@ -512,11 +517,25 @@ def _goals(rows: dict, stages: dict) -> list[dict]:
     ]
     if "uld" in rows:
         u = rows["uld"]
+        mu_t = t["model_utility"]
+        # the methods that keep the model useful (utility >= 0.9 x the target's) compete
+        useful = {n: x["forget_quality"] for n, x in rows.items()
+                  if n not in ("target", "retain", "uld") and x["model_utility"] >= 0.9 * mu_t}
         out += [{"goal": "ULD forget quality >= 0.5", "value": u["forget_quality"],
                  "met": u["forget_quality"] >= 0.5},
-                {"goal": "ULD model utility >= 0.95 x the target's", "value":
-                 u["model_utility"] / t["model_utility"] if t["model_utility"] else None,
-                 "met": u["model_utility"] >= 0.95 * t["model_utility"]}]
+                {"goal": "ULD model utility >= 0.98 x the target's",
+                 "value": u["model_utility"] / mu_t if mu_t else None,
+                 "met": u["model_utility"] >= 0.98 * mu_t},
+                {"goal": "ULD forget ROUGE within 0.15 of the retain model's",
+                 "value": u["forget_rouge"] - r["forget_rouge"],
+                 "met": abs(u["forget_rouge"] - r["forget_rouge"]) <= 0.15},
+                {"goal": "ULD forget quality above every baseline with utility >= 0.9 x the "
+                         f"target's ({', '.join(useful) or 'none'})",
+                 "value": u["forget_quality"],
+                 "met": all(u["forget_quality"] > fq for fq in useful.values())},
+                {"goal": "the ULD assistant reached its convergence targets",
+                 "value": (u.get("uld") or {}).get("forget_loss"),
+                 "met": bool((u.get("uld") or {}).get("converged"))}]
     total = sum(stages.values())
     out.append({"goal": "whole experiment <= 90 min (stages before the report, s)",
                 "value": round(total, 1), "met": total <= 90 * 60})
