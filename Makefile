@@ -19,7 +19,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider --strict-markers --durations=25
 
-# the inner loop: everything but engines, servers, Ray and model conversion (about 2 minutes)
+# the inner loop: everything but engines, servers, Ray and model conversion
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider --strict-markers -m "not engine and not slow"
 

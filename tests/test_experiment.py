@@ -34,10 +34,10 @@ def _argv(model, shared_data, out, *extra):
 @pytest.fixture(scope="module")
 def experiment(tiny_llama, shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("tofu_mini") / "exp"
-    # A process of its own with in-process engine cores: they start in ~3 s instead of ~25 s
-    # (a spawned process importing vLLM again), which takes this test from ~5 to ~2.5 minutes
-    # on a 2-core CPU (the metrics were identical either way). After an in-process engine,
-    # torch training in that process ran 5-30x slower (vLLM pins its OpenMP threads): harmless
+    # A process of its own with in-process engine cores: they start much faster than a spawned
+    # process importing vLLM again, which shortens this test (the metrics are identical either
+    # way). After an in-process engine, torch training in that process runs several times
+    # slower (vLLM pins its OpenMP threads): harmless
     # at toy size, but it must not leak into the pytest process, whose later tests train. The
     # command itself keeps vLLM's default engine process (tests/test_eval_tofu.py covers it).
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")

@@ -65,7 +65,7 @@ pytestmark = [
         not IN_PROCESS,
         reason="triton was imported before this module could set TRITON_INTERPRET=1; "
                "tests/test_kernels_fresh.py runs this module in a fresh process instead"),
-    # the Triton interpreter pays per op: minutes for the module (make test-fast skips it)
+    # the Triton interpreter pays per op, so the module is slow (make test-fast skips it)
     pytest.mark.slow,
     # numpy's view of the kernels' deliberate -inf arithmetic (log 0, -inf - -inf, masked)
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),

@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """avx512_bf16 or AMX: bf16 matmuls run natively (measured 1.4-2.5x faster than fp32 on
-    such a CPU); without them torch emulates bf16 and autocast is several times slower."""
+    """avx512_bf16 or AMX: bf16 matmuls run natively (faster than fp32 on such a CPU);
+    without them torch emulates bf16 and autocast is several times slower."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -26,13 +26,13 @@ def slow_engine_dtype(dtype: object, device_type: str, cpuinfo: str | None = Non
     """One line to print when a CPU engine runs bf16 without native bf16, else None.
 
     vLLM's ``--dtype auto`` takes the model's dtype, and many checkpoints (SmolLM2 among them)
-    say bfloat16: on this project's AVX2-only CPU that eval scored ~3 s per answer against
-    ~0.35 s in float32, with nothing on screen to say why."""
+    say bfloat16: on an AVX2-only CPU an eval then runs many times slower than in float32,
+    with nothing on screen to say why."""
     name = str(dtype).removeprefix("torch.")
     if device_type != "cpu" or name != "bfloat16" or cpu_has_native_bf16(cpuinfo):
         return None
     return ("uld-vllm: WARNING: the engine runs bfloat16 on a CPU without native bf16 "
-            "(avx512_bf16/AMX), measured ~8x slower than float32 here: pass --dtype float32")
+            "(avx512_bf16/AMX), many times slower than float32: pass --dtype float32")
 
 
 def every_core_worker_env() -> dict[str, str]:

@@ -14,7 +14,7 @@ MODES = ("generate", "score")
 # what is subtracted: the assistant's logits (the paper), or only where the assistant puts
 # more than uniform mass, by how much (log p_a + log V, clipped at 0)
 PENALTIES = ("logit", "above_uniform")
-# the engine's and the adapters' defaults, chosen by measurement (docs/unlearning.md): the gate
+# the engine's and the adapters' defaults, chosen by measurement (docs/rules.md): the gate
 # leaves every row alone where the assistant is near uniform (it is trained to be, off the
 # forget set), and the above-uniform penalty forgets without raising junk tokens
 DEFAULT_PENALTY = "above_uniform"

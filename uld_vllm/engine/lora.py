@@ -91,16 +91,14 @@ class LoRALayer(nn.Module):
 
         Out of place: ``base`` is the assistant's half of a projection the two streams share,
         and an in-place add into one half of a stacked buffer compiles (inductor, CPU) into
-        elementwise kernels that branch per row and load through masks over the whole buffer;
-        in a SmolLM2 prefill those ran 2-5x slower than the same ops on each half
-        (benchmarks/README.md, run N).
+        elementwise kernels that branch per row and load through masks over the whole buffer,
+        much slower than the same ops on each half.
 
         Not through the vLLM modules' ``forward``: at decode sizes its Python layers cost more
         than a rank-r GEMM, and a step makes 32 such deltas at K = 8. On CPU the GEMMs are
-        vLLM's (``quant_method.apply``: the repacked oneDNN weight), as for the base layers:
-        on a Zen 5 core the engine ran 4 % faster at batch 1 and 1.8 % at batch 32 (SmolLM2,
-        fp32, compiled) than with torch's MKL GEMM on the plain weights, and bf16 gains more
-        (benchmarks/README.md); elsewhere one GEMM and one ``addmm``."""
+        vLLM's (``quant_method.apply``: the repacked oneDNN weight), as for the base layers,
+        which ran faster than torch's MKL GEMM on the plain weights (more so in bf16);
+        elsewhere one GEMM and one ``addmm``."""
         if self._cpu_gemm:
             h = a.quant_method.apply(a, x)
         else:
