@@ -13,9 +13,9 @@
    ``uld_*`` keys on one engine): the rules x metrics table. A table and a summary
    (``summary.json``, ``summary.md``, ``answers.jsonl`` in the work folder) say what was
    forgotten and what was kept.
-5. ``uld-vllm audit`` on the held-out questions (``audit/`` in the work folder): sampled
-   leak@8, format shifts, multiple choice, and the bypass attempts against an engine with a
-   server's default request policy.
+5. ``uld-vllm audit`` of ULD on the held-out questions (``audit/`` in the work folder):
+   sampled leak@8, format shifts, multiple choice, and the bypass attempts against an engine
+   with a server's default request policy.
 
 ``--toy`` runs the older story on a small locally built model (``demo_toy``).
 """
@@ -75,10 +75,11 @@ DEMO_RULES = {
 }
 DEFAULT_RULE = next(iter(DEMO_RULES))
 # what the audit adds to the table (greedy answers and paraphrases are in it already): leak@8,
-# two format shifts, recognition, and the bypass attempts, at fewer tokens than the table (a
-# leak shows in the first sentence); `uld-vllm audit` runs every probe
+# two format shifts, recognition, and the bypass attempts, on the ULD side only and at fewer
+# tokens than the table (a leak shows in the first sentence). `uld-vllm audit` runs every
+# probe on both sides.
 AUDIT_PROBES = ("sampled", "language", "json", "multiple_choice", "bypass")
-AUDIT_TOKENS = 32
+AUDIT_TOKENS = 24
 ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0,
           "kv_cache_memory_bytes": KV_CACHE_BYTES}
 _OUTPUTS = ("forget.jsonl", "retain.jsonl", "uld_adapter", "uld_adapter.checkpoints",
@@ -289,11 +290,10 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
         target = dict(zip(train_qs, _answers(llm, [fmt.encode_prompt(q) for q in train_qs],
                                              TRAIN_ROW_TOKENS)))
         target.update(zip(probe, _answers(llm, [fmt.encode_prompt(q) for q in probe])))
-        audit_target = collect(plan, llm, "target", log=_indent(log)) if plan else None
     finally:
         shutdown(llm)
-    log(f"[2/5] the target answered {len(ask)} questions through plain vLLM"
-        f"{' and the audit' if plan else ''} ({time.perf_counter() - t0:.0f} s so far)")
+    log(f"[2/5] the target answered {len(ask)} questions through plain vLLM "
+        f"({time.perf_counter() - t0:.0f} s so far)")
 
     forget = [{"question": r["question"], "answer": r["answer"]} for r in data["forget"]]
     retain = [{"question": r["question"], "answer": r["answer"]} for r in data["gk_train"]]
@@ -348,9 +348,8 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
             audit_uld = collect(plan, llm, "uld", policy=policy, log=_indent(log))
         finally:
             shutdown(llm)
-        summary["audit"] = audit_summarise(plan, audit_target, audit_uld)
-        write_report(work / "audit", summary["audit"], answer_rows(plan, audit_target,
-                                                                  audit_uld))
+        summary["audit"] = audit_summarise(plan, None, audit_uld)
+        write_report(work / "audit", summary["audit"], answer_rows(plan, None, audit_uld))
         log(f"\n[5/5] the audit ({work / 'audit'}, as `uld-vllm audit` reports it):\n"
             + audit_summary_text(summary["audit"]))
 
