@@ -53,7 +53,7 @@ MAX_NEW_TOKENS = 48
 # their style is what matters, and every token costs a forward and a backward pass
 TRAIN_ANSWER_CHARS = 160
 # The reference recipe (K 8, LoRA r 16 / alpha 32, beta 5, AdamW, weight decay 0.01) with what
-# fits a few minutes on two cores: batch 8 (not 32), lr 3e-3, at most four balanced epochs,
+# keeps the demo short on a small CPU: batch 8 (not 32), lr 3e-3, at most four balanced epochs,
 # stopping once both losses reach their targets. The forget side holds the reference answers
 # only: with the target's own (longer, varied) answers beside them the assistant did not
 # converge in four epochs (L_f 1.4); without them it converges in about 2.6 (docs/rules.md).

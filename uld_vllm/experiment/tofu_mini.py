@@ -24,7 +24,7 @@ model:
    forget quality against the retain model (the target's included).
 
 The defaults are TOFU shrunk to fit 90 minutes on a 2-core CPU with SmolLM2-135M-Instruct (30
-layers); the README's TOFU-mini section gives every choice and its reason:
+layers); docs/tofu.md gives every choice and its reason:
 
 * data: forget01 and 2 retain authors (rows 0-39 of ``full.jsonl``).
 * target / retain model: <= 10 epochs, lr 2e-4, batch 8, AdamW, weight decay 0.01, one
@@ -43,8 +43,8 @@ layers); the README's TOFU-mini section gives every choice and its reason:
   learning rate is the target's (OpenUnlearning unlearns at the rate its targets were
   fine-tuned with, 1e-5 there, 2e-4 here) and 5 epochs instead of 10.
 * ``--precision auto``: bf16 autocast where the hardware runs it natively (a GPU with bf16, a
-  CPU with avx512_bf16/AMX), else fp32 (on an AVX2-only CPU bf16 autocast was measured several
-  times slower, see the README). Master weights and saved models stay float32.
+  CPU with avx512_bf16/AMX), else fp32 (an AVX2-only CPU emulates bf16, which is slower than
+  fp32 there). Master weights and saved models stay float32.
 * eval: the first 40 rows of each split (all 40 of forget01), greedy, 200 new tokens, float32,
   the CPU engine's worker bound to every core while it runs (``_engine_on_every_core``).
 """
@@ -477,8 +477,8 @@ def _engine_on_every_core(log):
 
     vLLM's default binding keeps cores for its front end: on this project's 2-core CPU the
     worker got one. An eval is prefill-bound and its front end mostly waits, so here the worker
-    gets them all (a 30-row ``eval tofu`` of SmolLM2: 343 s on one core, 204 s on two, the same
-    metrics). Nothing changes on a GPU or when the user set ``VLLM_CPU_OMP_THREADS_BIND``."""
+    gets them all (same metrics, shorter eval). Nothing changes on a GPU or when the user set
+    ``VLLM_CPU_OMP_THREADS_BIND``."""
     import torch
 
     from uld_vllm.core.hardware import every_core_worker_env
