@@ -208,3 +208,27 @@ def test_missing_data_and_foreign_folders_are_refused(tiny_llama, shared_data, t
     assert main(_argv(tiny_llama, shared_data, foreign)) == 2
     _one_line_error(capsys, "holds no experiment.json")
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_goals_compare_uld_with_the_baselines_that_stay_useful():
+    from uld_vllm.experiment.tofu_mini import _goals
+
+    def row(fq, mu, rouge=0.5):
+        return {"forget_quality": fq, "model_utility": mu, "forget_rouge": rouge}
+
+    rows = {"target": row(0.01, 0.40, 0.99), "retain": row(1.0, 0.40, 0.35),
+            "uld": {**row(0.6, 0.395, 0.45), "uld": {"converged": True, "forget_loss": 0.4}},
+            "ga": row(0.9, 0.0), "gd": row(0.3, 0.38), "npo": row(0.5, 0.37)}
+    got = {g["goal"].split(" (")[0]: g for g in _goals(rows, {"target": 10.0})}
+    ahead = got["ULD forget quality above every baseline with utility >= 0.9 x the target's"]
+    assert ahead["met"] and "gd, npo" in next(g["goal"] for g in _goals(rows, {})
+                                              if g["goal"].startswith("ULD forget quality above"))
+    assert got["ULD model utility >= 0.98 x the target's"]["met"]
+    assert got["ULD forget ROUGE within 0.15 of the retain model's"]["met"]
+    assert got["the ULD assistant reached its convergence targets"]["met"]
+    rows["npo"] = row(0.8, 0.39)  # a useful baseline that forgets more
+    rows["uld"]["forget_rouge"] = 0.7
+    got = {g["goal"].split(" (")[0]: g for g in _goals(rows, {})}
+    assert not got["ULD forget quality above every baseline with utility >= 0.9 x the "
+                   "target's"]["met"]
+    assert not got["ULD forget ROUGE within 0.15 of the retain model's"]["met"]
