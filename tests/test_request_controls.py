@@ -102,7 +102,9 @@ def test_mixed_rows_equal_each_rows_own_settings(ratio):
     g = torch.Generator().manual_seed(0)
     V, H, n = 300, 16, 8
     W = torch.randn(V, H, generator=g) * 2
-    h_t, h_a = torch.randn(n, H, generator=g), torch.randn(n, H, generator=g) * 3
+    h_t = torch.randn(n, H, generator=g)
+    # an assistant sure of the target's own top tokens: the penalty bites on the kept ones
+    h_a = 3 * h_t + torch.randn(n, H, generator=g)
     engine = dict(alpha=0.8, mode="generate", penalty="above_uniform", gate=(0.5, 2.0))
     c = UldCombiner(SimpleNamespace(filter_ratio=ratio, backend="torch", **engine))
 
@@ -111,7 +113,7 @@ def test_mixed_rows_equal_each_rows_own_settings(ratio):
 
     rows = {0: {"alpha": 0.5}, 2: {"alpha": 0.0}, 3: {"mode": "score"},
             5: {"alpha": 2.0, "mode": "score"}, 6: {"penalty": "logit", "gate": None},
-            7: {"gate": (0.1, 0.2)}}
+            7: {"gate": (6.0, 8.0)}}  # above log V: closed, where the engine's is open
     got = c(lp, _Head(W), h_t, h_a, rows)
     lt, la = h_t @ W.T, h_a @ W.T
     for i in range(n):

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from uld_vllm.errors import UldError
+
 MODES = ("generate", "score")
 # what is subtracted: the assistant's logits (the paper), or only where the assistant puts
 # more than uniform mass, by how much (log p_a + log V, clipped at 0)
@@ -226,3 +228,23 @@ def _safe_log_softmax(x: torch.Tensor) -> torch.Tensor:
     empty = row_max == float("-inf")
     out = torch.log_softmax(torch.where(empty, torch.zeros_like(x), x), dim=-1)
     return torch.where(empty | (x == float("-inf")), torch.full_like(x, float("-inf")), out)
+
+
+def parse_gate(value, what: str = "--uld-gate") -> tuple[float, float] | None:
+    """A gate as ``(low, high)`` nats, or None (off): from ``"LOW,HIGH"``/``"off"``, a
+    two-number list, or None. Bad values are a one-line ``UldError`` naming ``what``."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    try:
+        if isinstance(value, str):
+            value = [float(x) for x in value.split(",")]
+        if isinstance(value, (list, tuple)) and not any(isinstance(x, bool) for x in value):
+            gate = tuple(float(x) for x in value)
+            check_gate(gate)
+            return gate
+    except (TypeError, ValueError):
+        pass
+    raise UldError(f"{what} {value!r} is not LOW,HIGH with 0 <= LOW < HIGH (nats of "
+                   "KL(p_assistant || uniform)) or off",
+                   f"e.g. {DEFAULT_GATE[0]:g},{DEFAULT_GATE[1]:g}, or off for the paper's "
+                   "ungated rule")

@@ -39,7 +39,8 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from uld_vllm.core.logits import MODES, PENALTIES, check_gate
+from uld_vllm.core.logits import MODES, PENALTIES, parse_gate
+from uld_vllm.errors import UldError
 
 # the keys a request may set, and what they mean (named in every refusal)
 KEYS = {
@@ -184,15 +185,13 @@ def parse_extra_args(extra_args: dict | None) -> dict:
 
 
 def _gate(value):
-    if isinstance(value, str) and value.strip().lower() == "off":
-        return None
-    try:
-        if isinstance(value, (list, tuple)) and not any(isinstance(v, bool) for v in value):
-            gate = tuple(float(v) for v in value)
-            check_gate(gate)
-            return gate
-    except (TypeError, ValueError):
-        pass
+    # a JSON list or "off"; the "LOW,HIGH" string form is the command line's
+    off = isinstance(value, str) and value.strip().lower() == "off"
+    if off or isinstance(value, (list, tuple)):
+        try:
+            return parse_gate(value)
+        except UldError:
+            pass
     raise ValueError(f"uld_gate must be {KEYS['uld_gate']}, got {value!r}: send e.g. "
                      "[1, 3] or 'off'")
 

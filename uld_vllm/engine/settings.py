@@ -21,7 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from uld_vllm.core.logits import DEFAULT_GATE, DEFAULT_PENALTY, MODES, PENALTIES, check_gate
+from uld_vllm.core.logits import (
+    DEFAULT_GATE,
+    DEFAULT_PENALTY,
+    MODES,
+    PENALTIES,
+    parse_gate,
+)
 from uld_vllm.errors import UldError
 
 # base architecture -> ULD architecture (registered lazily by uld_vllm.engine.plugin)
@@ -154,26 +160,6 @@ class UldSettings:
     def rule(self) -> dict:
         """What ``uld_vllm.core.logits.uld_logits`` takes besides alpha and mode."""
         return {"filter_ratio": self.filter_ratio, "penalty": self.penalty, "gate": self.gate}
-
-
-def parse_gate(value, what: str = "--uld-gate") -> tuple[float, float] | None:
-    """A gate as ``(low, high)`` nats, or None (off): from ``"LOW,HIGH"``/``"off"``, a
-    two-number list, or None. Bad values are a one-line ``UldError`` naming ``what``."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
-        return None
-    try:
-        if isinstance(value, str):
-            value = [float(x) for x in value.split(",")]
-        if isinstance(value, (list, tuple)) and not any(isinstance(x, bool) for x in value):
-            gate = tuple(float(x) for x in value)
-            check_gate(gate)
-            return gate
-    except (TypeError, ValueError):
-        pass
-    raise UldError(f"{what} {value!r} is not LOW,HIGH with 0 <= LOW < HIGH (nats of "
-                   "KL(p_assistant || uniform)) or off",
-                   f"e.g. {DEFAULT_GATE[0]:g},{DEFAULT_GATE[1]:g}, or off for the paper's "
-                   "ungated rule")
 
 
 def rule_settings(rule: str | None, penalty: str | None = None, gate=UNSET) -> dict:
