@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from uld_vllm.engine import request_controls
 from uld_vllm.engine.request_controls import (
     FQCN,
     KEYS,
@@ -91,13 +90,13 @@ def test_every_per_request_key_has_a_served_value_and_a_rule():
     assert all(k in line for k in KEYS) and "\n" not in line
 
 
-def test_a_new_key_plugs_in_as_differs_is_weaker(monkeypatch):
-    # uld_filter_ratio stands in for the decoding-rule knobs another change adds
-    monkeypatch.setitem(request_controls.KEYS, "uld_filter_ratio", "a ratio in [0, 1)")
-    assert "uld_filter_ratio 0.2" in refusal({"uld_filter_ratio": 0.2}, settings())
-    assert refusal({"uld_filter_ratio": 0.1}, settings()) is None
-    assert refusal({"uld_filter_ratio": 0.2}, settings(request_policy="any")) is None
-    assert "uld_filter_ratio" in describe_policy(settings())
+def test_the_rule_keys_are_unordered_keys_a_change_of_which_weakens():
+    # uld_penalty / uld_gate: any value but the served one weakens the unlearning
+    assert "uld_penalty 'logit'" in refusal({"uld_penalty": "logit"}, settings())
+    assert refusal({"uld_penalty": settings().penalty}, settings()) is None
+    assert refusal({"uld_gate": "off"}, settings(request_policy="any")) is None
+    assert "uld_gate" in refusal({"uld_gate": "off"}, settings())
+    assert "uld_penalty" in describe_policy(settings())
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -248,10 +247,10 @@ def test_the_worker_serves_a_request_past_admission_with_the_engine_settings():
              (1, SamplingParams(extra_args={"uld_alpha": "x"}), None, []),
              (2, SamplingParams(extra_args={"uld_alpha": 2.0}), None, [])]
     rc.update(BatchUpdate(batch_size=3, removed=[], moved=[], added=added))  # no exception
-    assert rc.take(3) == {2: (2.0, None)}  # rows 0 and 1: the engine's settings
+    assert rc.take(3) == {2: {"alpha": 2.0}}  # rows 0 and 1: the engine's settings
     open_rc = RowControls(settings(request_policy="any"))
     open_rc.update(BatchUpdate(batch_size=1, removed=[], moved=[], added=added[:1]))
-    assert open_rc.take(1) == {0: (0.0, None)}
+    assert open_rc.take(1) == {0: {"alpha": 0.0}}
 
 
 def test_model_card_shows_the_policy_and_no_paths():
