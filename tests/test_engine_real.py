@@ -87,22 +87,32 @@ def run(adapter, prompts):
         answers = [fmt.encode_answer(a, q) for q, a in
                    [(QUESTIONS[0], "Harry Potter attends Hogwarts."),
                     (QUESTIONS[1], "The capital of France is Paris.")]]
+        out["answers"] = answers
+        out[("generate", 0.01)] = _answer_logprobs(llm, ids, answers)
         set_uld_mode(llm, "score")
-        pl = llm.generate([{"prompt_token_ids": p + a} for p, a in zip(ids[:2], answers)],
-                          SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        out["scored"] = [(len(p), a, got) for p, a, got in
+                         zip(ids[:2], answers, _answer_logprobs(llm, ids, answers))]
         set_uld_mode(llm, "generate")
-        out["scored"] = [(len(p), a, [o.prompt_logprobs[len(p) + j][t].logprob
-                                      for j, t in enumerate(a)])
-                         for p, a, o in zip(ids[:2], answers, pl)]
         assert _greedy(llm, ids) == out[0.01]  # back in generate mode, same answers
     finally:
         shutdown(llm)
     llm = uld_vllm.LLM(NAME, uld_adapter=str(adapter), uld_filter_ratio=0.1, **ENGINE)
     try:
         out[0.1] = _greedy(llm, ids)
+        out[("generate", 0.1)] = _answer_logprobs(llm, ids, answers)
     finally:
         shutdown(llm)
     return out
+
+
+def _answer_logprobs(llm, prompts, answers):
+    """Teacher-forced log-prob of each answer token, as the engine reports prompt log-probs."""
+    from vllm import SamplingParams
+
+    pl = llm.generate([{"prompt_token_ids": p + a} for p, a in zip(prompts, answers)],
+                      SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    return [[o.prompt_logprobs[len(p) + j][t].logprob for j, t in enumerate(a)]
+            for p, a, o in zip(prompts, answers, pl)]
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.1])
@@ -113,10 +123,22 @@ def test_greedy_equals_reference_with_a_trained_adapter(smollm2, adapter, prompt
     assert ties <= 1
 
 
-def test_the_two_ratios_decode_differently_somewhere(run):
-    # r changes the kept set (>= 491 vs >= 4915 tokens): if both runs were identical on every
-    # prompt, the ratio would not reach the engine
-    assert run[0.01][0] != run[0.1][0]
+@pytest.mark.parametrize("ratio", [0.01, 0.1])
+def test_each_ratio_reaches_the_engine(adapter, prompts, run, ratio):
+    # r changes the kept set (>= 491 vs >= 4915 tokens), so the distribution generate mode
+    # samples from: each engine's must be the reference's at its own ratio, and the two differ.
+    # (Greedy tokens rarely tell them apart: the default gate gives a barely trained assistant
+    # no weight, and the argmax is kept at any ratio.)
+    fmt, _ = prompts
+    ref = ReferenceDecoder.load(NAME, adapter, filter_ratio=ratio)
+    other = run[("generate", 0.1 if ratio == 0.01 else 0.01)]
+    differs = 0
+    for got, answer, prompt, alt in zip(run[("generate", ratio)], run["answers"], prompts[1],
+                                        other):
+        want = ref.score([prompt], [answer], mode="generate")[0]
+        torch.testing.assert_close(torch.tensor(got), want.float(), atol=2e-3, rtol=1e-4)
+        differs += not torch.allclose(torch.tensor(got), torch.tensor(alt), atol=2e-3)
+    assert differs
 
 
 def test_prompt_logprobs_equal_reference_scores(adapter, prompts, run):

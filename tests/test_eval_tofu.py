@@ -124,7 +124,9 @@ def test_uld_scores_and_generations_equal_the_reference_decoder(uld_eval, tiny_l
         assert log["num_token_gt"][i] == len(fmt.encode_answer(ex.answer, ex.question))
     gens = ref.generate([fmt.encode_prompt(ex.question) for ex in sets[M.FORGET]],
                         max_new_tokens=32)
-    assert [g.text for g in gens] == [t[1] for t in log["generated_text"][:3]]
+    # vLLM's streaming detokenizer holds back bytes that do not yet form a UTF-8 character, so
+    # an answer that stops inside one ends before it; HF's decode shows them as U+FFFD
+    assert [g.text.rstrip("\ufffd") for g in gens] == [t[1] for t in log["generated_text"][:3]]
 
 
 def test_forget_quality_against_the_shipped_reference_and_against_another_run(uld_eval,
