@@ -61,6 +61,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# a chat template for the tiny test models (they ship none)
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "assistant:")
+
+
+def chat_template_file(tmp_path_factory) -> Path:
+    tpl = tmp_path_factory.mktemp("tpl") / "chat.jinja"
+    tpl.write_text(CHAT_TEMPLATE)
+    return tpl
+
+
+def sse_chunks(base: str, path: str, body: dict, timeout: float = 120) -> list[dict]:
+    """The parsed ``data:`` events of a streamed (``"stream": true``) request."""
+    import json
+
+    import httpx
+
+    out = []
+    with httpx.stream("POST", f"{base}{path}", json=body, timeout=timeout) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[6:]))
+    return out
+
+
 def serve_cmd(*args):
     return [sys.executable, "-m", "uld_vllm.cli", "serve", *args]
 

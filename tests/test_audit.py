@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from engine_helpers import CHAT_TEMPLATE
 
 from uld_vllm.errors import UldError
 from uld_vllm.eval import audit as A
@@ -29,8 +30,6 @@ FORGET = [
 GENERAL = [{"question": "Where is the Eiffel Tower?", "answer": "Paris"},
            {"question": "Who wrote War and Peace?", "answer": "Leo Tolstoy"},
            {"question": "What is the largest planet?", "answer": "Jupiter"}]
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "assistant:")
 
 
 # --- detectors --------------------------------------------------------------------------

@@ -72,7 +72,6 @@ def _greedy(llm, prompts):
 @pytest.fixture(scope="module")
 def run(adapter, prompts):
     """Both filter ratios on one engine each; score-mode prompt log-probs on the r = 0.01 one."""
-    from vllm import SamplingParams
 
     import uld_vllm
     from uld_vllm.engine.inspect import combiner_stats

@@ -1,26 +1,20 @@
 """`uld-vllm serve` / `vllm serve ... --uld-adapter` end to end on 127.0.0.1."""
 
-import json
 import os
 import subprocess
 
 import httpx
 import pytest
-from engine_helpers import free_port, running_server, serve_cmd
+from engine_helpers import chat_template_file, free_port, running_server, serve_cmd, sse_chunks
 
 from uld_vllm.core.reference import ReferenceDecoder
 
 # starts vLLM engines, API servers or Ray (`make test-fast` leaves these out)
 pytestmark = pytest.mark.engine
 
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "assistant:")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_llama, llama_adapter, tmp_path_factory):
-    tpl = tmp_path_factory.mktemp("tpl") / "chat.jinja"
-    tpl.write_text(CHAT_TEMPLATE)
+    tpl = chat_template_file(tmp_path_factory)
     log = tmp_path_factory.mktemp("log") / "server.log"
     # clients get full control here (per-request alpha 0, the soak's mixed alphas); the
     # default policy is tests/test_server_policy.py's
@@ -34,16 +28,6 @@ def server(tiny_llama, llama_adapter, tmp_path_factory):
 
 def post(base, path, body, timeout=120):
     return httpx.post(f"{base}{path}", json=body, timeout=timeout)
-
-
-def sse_chunks(base, path, body):
-    out = []
-    with httpx.stream("POST", f"{base}{path}", json=body, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                out.append(json.loads(line[6:]))
-    return out
 
 
 def test_completions_greedy_matches_reference(server, tiny_llama, llama_adapter):

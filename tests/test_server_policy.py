@@ -8,15 +8,13 @@ import json
 import httpx
 import pytest
 import torch
-from engine_helpers import running_server
+from engine_helpers import chat_template_file, running_server, sse_chunks
 
 from uld_vllm.bench.server import leak_check
 from uld_vllm.core.reference import ReferenceDecoder
 
 pytestmark = pytest.mark.engine
 
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "assistant:")
 PROMPT = "Question: What did the river do? Answer:"
 # longer than the 32-token step budget below: its prefill spans several steps
 LONG = " ".join(["The poet was born in a small town by the river and wrote about it."] * 4)
@@ -25,8 +23,7 @@ TOL = 2e-4
 
 @pytest.fixture(scope="module")
 def served(tiny_llama, llama_adapter, tmp_path_factory):
-    tpl = tmp_path_factory.mktemp("tpl") / "chat.jinja"
-    tpl.write_text(CHAT_TEMPLATE)
+    tpl = chat_template_file(tmp_path_factory)
     log = tmp_path_factory.mktemp("log") / "server.log"
     with running_server(str(tiny_llama), "--uld-adapter", str(llama_adapter), "--uld-alpha",
                         "0.8", "--uld-filter-ratio", "0.1", "--dtype", "float32",
@@ -256,15 +253,9 @@ def test_echo_and_prompt_logprobs(server, refs):
 
 def test_streamed_logprobs_equal_the_whole_response(server):
     whole = completion(server, logprobs=2)["choices"][0]["logprobs"]
-    chunks = []
-    with httpx.stream("POST", f"{server}/v1/completions", timeout=120, json={
-            "model": "tiny-uld", "prompt": PROMPT, "max_tokens": 6, "temperature": 0,
-            "ignore_eos": True, "logprobs": 2, "stream": True,
-            "return_tokens_as_token_ids": True}) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[6:])["choices"][0]["logprobs"])
+    chunks = [c["choices"][0]["logprobs"] for c in sse_chunks(server, "/v1/completions", {
+        "model": "tiny-uld", "prompt": PROMPT, "max_tokens": 6, "temperature": 0,
+        "ignore_eos": True, "logprobs": 2, "stream": True, "return_tokens_as_token_ids": True})]
     streamed = [t for c in chunks if c for t in c["top_logprobs"]]
     assert streamed == whole["top_logprobs"]
 
@@ -294,13 +285,9 @@ def test_chat_logprobs_streaming_and_not(server, refs):
         ids.append(tok(entry["token"]))
     check.done()
     streamed = []
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True},
-                      timeout=120) as s:
-        assert s.status_code == 200
-        for line in s.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                lp = json.loads(line[6:])["choices"][0].get("logprobs")
-                streamed += (lp or {}).get("content") or []
+    for chunk in sse_chunks(server, "/v1/chat/completions", {**body, "stream": True}):
+        lp = chunk["choices"][0].get("logprobs")
+        streamed += (lp or {}).get("content") or []
     assert [e["top_logprobs"] for e in streamed] == [e["top_logprobs"] for e in content]
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_helpers import running_server, shutdown
+from engine_helpers import CHAT_TEMPLATE, running_server, shutdown, sse_chunks
 
 from uld_vllm.core.logits import plausibility_threshold, uld_logits
 from uld_vllm.dev.toy_data import MIXED_PROMPTS, builtin_authors
@@ -32,8 +32,6 @@ SHAPES = {
 # would do that too, but makes the 30-layer stack chaotic: bf16 rounding alone then flips
 # ~40% of greedy steps against fp32 (measured with transformers on CPU).
 INIT_STD, LOGIT_STD = 0.02, 4.8
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "assistant:")
 TEXTS = MIXED_PROMPTS + [r["question"] for a in builtin_authors() for r in a]
 MAX_NEW = 32
 # fp32 (logit units): rounding in a 30-layer stack moves scores by ~1e-5, far below this
@@ -262,7 +260,6 @@ def server(models, tmp_path_factory):
 
 def ask(server, path, **body):
     """(text, prompt token ids, token ids) of one greedy answer; streamed text must equal it."""
-    import json
 
     import httpx
 
@@ -273,14 +270,9 @@ def ask(server, path, **body):
     doc = r.json()
     choice = doc["choices"][0]
     text = choice["text"] if "text" in choice else choice["message"]["content"]
-    parts = []
-    with httpx.stream("POST", f"{server.base}{path}", json={**body, "stream": True},
-                      timeout=300) as s:
-        assert s.status_code == 200
-        for line in s.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                for c in json.loads(line[6:])["choices"]:
-                    parts.append(c.get("text") or (c.get("delta") or {}).get("content") or "")
+    parts = [c.get("text") or (c.get("delta") or {}).get("content") or ""
+             for chunk in sse_chunks(server.base, path, {**body, "stream": True}, timeout=300)
+             for c in chunk["choices"]]
     assert "".join(parts) == text, path
     ids = choice["token_ids"]
     assert len(ids) == MAX_NEW
