@@ -70,9 +70,14 @@ def _greedy(llm, prompts):
 
 
 @pytest.fixture(scope="module")
+def refs(smollm2, adapter):
+    """The reference decoder at each filter ratio, loaded once for every test that asks it."""
+    return {r: ReferenceDecoder.load(NAME, adapter, filter_ratio=r) for r in (0.01, 0.1)}
+
+
+@pytest.fixture(scope="module")
 def run(adapter, prompts):
     """Both filter ratios on one engine each; score-mode prompt log-probs on the r = 0.01 one."""
-
     import uld_vllm
     from uld_vllm.engine.inspect import combiner_stats
     from uld_vllm.jobs.spec import set_uld_mode
@@ -115,21 +120,20 @@ def _answer_logprobs(llm, prompts, answers):
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.1])
-def test_greedy_equals_reference_with_a_trained_adapter(smollm2, adapter, prompts, run, ratio):
-    ref = ReferenceDecoder.load(NAME, adapter, filter_ratio=ratio)
+def test_greedy_equals_reference_with_a_trained_adapter(refs, prompts, run, ratio):
+    ref = refs[ratio]
     assert ref.alpha == 0.8
     ties = assert_greedy_matches(run[ratio][0], ref, prompts[1], MAX_NEW)
     assert ties <= 1
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.1])
-def test_each_ratio_reaches_the_engine(adapter, prompts, run, ratio):
+def test_each_ratio_reaches_the_engine(refs, prompts, run, ratio):
     # r changes the kept set (>= 491 vs >= 4915 tokens), so the distribution generate mode
     # samples from: each engine's must be the reference's at its own ratio, and the two differ.
     # (Greedy tokens rarely tell them apart: the default gate gives a barely trained assistant
     # no weight, and the argmax is kept at any ratio.)
-    fmt, _ = prompts
-    ref = ReferenceDecoder.load(NAME, adapter, filter_ratio=ratio)
+    ref = refs[ratio]
     other = run[("generate", 0.1 if ratio == 0.01 else 0.01)]
     differs = 0
     for got, answer, prompt, alt in zip(run[("generate", ratio)], run["answers"], prompts[1],
@@ -140,8 +144,8 @@ def test_each_ratio_reaches_the_engine(adapter, prompts, run, ratio):
     assert differs
 
 
-def test_prompt_logprobs_equal_reference_scores(adapter, prompts, run):
-    ref = ReferenceDecoder.load(NAME, adapter, filter_ratio=0.01)
+def test_prompt_logprobs_equal_reference_scores(refs, prompts, run):
+    ref = refs[0.01]
     for (_, answer, got), prompt in zip(run["scored"], prompts[1]):
         want = ref.score([prompt], [answer], mode="score")[0]
         torch.testing.assert_close(torch.tensor(got), want.float(), atol=2e-3, rtol=1e-4)

@@ -12,6 +12,7 @@ from uld_vllm.core.reference import ReferenceDecoder
 # starts vLLM engines, API servers or Ray (`make test-fast` leaves these out)
 pytestmark = pytest.mark.engine
 
+
 @pytest.fixture(scope="module")
 def server(tiny_llama, llama_adapter, tmp_path_factory):
     tpl = chat_template_file(tmp_path_factory)

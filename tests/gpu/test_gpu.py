@@ -260,7 +260,6 @@ def server(models, tmp_path_factory):
 
 def ask(server, path, **body):
     """(text, prompt token ids, token ids) of one greedy answer; streamed text must equal it."""
-
     import httpx
 
     body = dict(model="uld-gpu", max_tokens=MAX_NEW, temperature=0, ignore_eos=True,
