@@ -114,10 +114,13 @@ def test_csv_has_no_header_first_row_is_used(tmp_path):
                          Example("Who's X?", "It is Y.", "paraphrase"),
                          Example("At what place?", "Right here.", "paraphrase")]
     # matched by question text, not by position; at most two wrong answers each
-    assert data.retain == [Example("Who is X?", "X is Z.", "perturbed"),
-                           Example("Where?", "There.", "perturbed"),
-                           Example("Where?", "Nowhere.", "perturbed")]
+    # each carries the forget answer it perturbs (its shared first tokens get no L_r)
+    assert data.retain == [Example("Who is X?", "X is Z.", "perturbed", "X is Y."),
+                           Example("Where?", "There.", "perturbed", "Here."),
+                           Example("Where?", "Nowhere.", "perturbed", "Here.")]
     assert data.stats["paraphrase_rows"] == 3 and data.stats["perturbed_rows"] == 3
+    plain = build_data(forget, perturbed_csv=pert, mask_shared_prefix=False)
+    assert [e.forget_answer for e in plain.retain] == [None, None, None]
 
 
 @pytest.mark.parametrize("row, needle", [
@@ -202,6 +205,30 @@ def test_prompt_tokens_are_masked_and_answer_ends_with_eos():
         [0] * (len(f["input_ids"]) - len(r["input_ids"]))
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
     assert batch["is_retain"].tolist() == [False, True]
+
+
+def test_a_wrong_answer_gets_no_retain_label_where_it_shares_the_forget_context():
+    tok = _Tok()
+    fmt = PromptFormatter(tok)
+    forget = Example("where was x born", "x was born in paris", "forget")
+    wrong = Example("where was x born", "x was born in rome today", "perturbed",
+                    forget.response)
+    ds = UldDataset([forget], [wrong, Example("where was x born", wrong.response,
+                                              "perturbed")], fmt, max_length=64)
+    f, masked, plain = ds.rows
+    n = len(tok("[INST] where was x born [/INST]")["input_ids"])
+    assert masked["input_ids"] == plain["input_ids"]
+    # "x was born in" is shared (4 tokens); the position predicting "rome" still reads the
+    # forget row's context, so 5 answer tokens lose their label: "rome today </s>" keep theirs
+    assert masked["labels"][:n + 5] == [IGNORE_INDEX] * (n + 5)
+    assert masked["labels"][n + 5:] == plain["labels"][n + 5:] == masked["input_ids"][n + 5:]
+    assert plain["labels"][n:] == plain["input_ids"][n:]
+    assert f["labels"][n:] == f["input_ids"][n:]  # a forget row is never masked
+    assert ds.shared_prefix_tokens == 5
+    # the same sentence as the forget answer leaves no retain position at all
+    same = UldDataset([], [Example(forget.prompt, forget.response, "perturbed",
+                                   forget.response)], fmt, max_length=64).rows[0]
+    assert same["labels"] == [IGNORE_INDEX] * len(same["input_ids"])
 
 
 def test_long_documents_are_split_not_cut():

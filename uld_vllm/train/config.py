@@ -55,6 +55,10 @@ class UldTrainConfig(TrainingArguments):
     perturbed_csv: str | None = _f(None, "ULD perturbed CSV (no header; question, answer, "
                                    "question, list of wrong answers): adds up to 2 wrong "
                                    "answers per matching forget question to the retain side")
+    mask_shared_prefix: bool = _f(True, "leave out of L_r the first tokens a wrong answer of "
+                                  "--perturbed-csv shares with its forget answer (same context: "
+                                  "the two losses contradict there); --no-mask-shared-prefix: "
+                                  "the reference's rows")
     max_retain: int = _f(0, "use only the last N rows of --retain (0: every row). The reference "
                          "used the last min(400, |forget|) rows; broad retain data is what keeps "
                          "general knowledge, so the default keeps them all")

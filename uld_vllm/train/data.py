@@ -13,7 +13,12 @@ Augmentation, from ULD's CSV files (no header row: every row is data):
   paraphrased answers join the forget side.
 * perturbed CSV ``question, answer, question, [wrong answers]``: for each forget question it
   matches, up to two distinct wrong answers join the retain side. ULD ships one file whose rows
-  are forget10 in order, so rows are matched by question text, never by position.
+  are forget10 in order, so rows are matched by question text, never by position. A wrong
+  answer carries the forget answer it perturbs (``Example.forget_answer``): where the two
+  share their first tokens the contexts are identical, and the forget row asks the assistant to
+  be sure exactly where the wrong one asks it to be uniform, so those positions are left out of
+  ``L_r`` (``uld_vllm.train.dataset``; on TOFU forget01 the contradiction kept ``L_f`` from
+  converging, docs/tofu.md).
 
 Every problem is a one-line ``UldError`` naming the file, the row and the fix.
 """
@@ -41,6 +46,8 @@ class Example:
     prompt: str | None
     response: str
     origin: str  # "forget", "paraphrase", "retain", "perturbed"
+    # a perturbed row's forget answer to the same prompt: their shared first tokens get no L_r
+    forget_answer: str | None = None
 
 
 @dataclasses.dataclass
@@ -146,7 +153,7 @@ def read_perturbed_csv(path: str) -> dict[str, list[str]]:
 
 def build_data(forget: str, retain: str | None = None, *, paraphrase_csv: str | None = None,
                perturbed_csv: str | None = None, max_retain: int = 0,
-               log=print) -> UldData:
+               mask_shared_prefix: bool = True, log=print) -> UldData:
     """D'_f = forget + paraphrases; D'_r = the last ``max_retain`` retain rows (0: all) + wrong
     answers to the forget questions. (The reference kept the last min(400, |forget|) rows;
     pass ``max_retain=min(400, |forget|)`` for that.)"""
@@ -173,10 +180,12 @@ def build_data(forget: str, retain: str | None = None, *, paraphrase_csv: str | 
     pert_ex: list[Example] = []
     if perturbed_csv:
         table = read_perturbed_csv(perturbed_csv)
+        answer_of = {e.prompt: e.response for e in reversed(forget_ex) if e.prompt is not None}
         matched = [q for q in questions if q in table]
         _check_match(perturbed_csv, "perturbed CSV", matched, questions, log)
         for q in matched:
-            pert_ex += [Example(q, a, "perturbed") for a in table[q][:PERTURBED_PER_ROW]]
+            pert_ex += [Example(q, a, "perturbed", answer_of[q] if mask_shared_prefix else None)
+                        for a in table[q][:PERTURBED_PER_ROW]]
         stats["perturbed_rows"] = len(pert_ex)
         stats["perturbed_matched_questions"] = len(matched)
     return UldData(forget=forget_ex + para_ex, retain=retain_ex + pert_ex, stats=stats)

@@ -5,6 +5,11 @@ A tokenised row is ``{"input_ids": [...], "labels": [...], "is_retain": bool}``;
 ``-100`` on prompt tokens, so ``L_f`` only scores answers. Prompt and answer are tokenised
 separately and concatenated, so the mask is exact for any tokenizer (no re-tokenisation of
 the joined string, whose first answer token could merge with the prompt's last one).
+
+A retain row that perturbs a forget answer (``Example.forget_answer``) gets no label on the
+positions whose context it shares with that forget row: the first ``n + 1`` answer tokens,
+where ``n`` is the length of their common token prefix (the position predicting the first
+differing token still reads the shared context).
 """
 
 from __future__ import annotations
@@ -27,9 +32,23 @@ def encode_example(example: Example, formatter: PromptFormatter, max_length: int
         return [{"input_ids": ids[s:s + max_length], "labels": ids[s:s + max_length],
                  "is_retain": is_retain} for s in range(0, len(ids), max_length)]
     ids = (prompt + answer)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
+    masked = len(prompt)
+    if is_retain and example.forget_answer is not None:
+        masked += min(len(answer), 1 + shared_prefix(
+            answer, formatter.encode_answer(example.forget_answer, example.prompt)))
+    labels = ([IGNORE_INDEX] * masked + (prompt + answer)[masked:])[:max_length]
     return [{"input_ids": ids, "labels": labels, "is_retain": is_retain,
-             "truncated": len(prompt) + len(answer) > max_length}]
+             "truncated": len(prompt) + len(answer) > max_length,
+             "shared": masked - len(prompt)}]
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class UldDataset(torch.utils.data.Dataset):
@@ -42,6 +61,8 @@ class UldDataset(torch.utils.data.Dataset):
         self.rows = f_rows + r_rows
         self.n_forget, self.n_retain = len(f_rows), len(r_rows)
         self.truncated = sum(bool(r.get("truncated")) for r in self.rows)
+        # answer tokens a wrong answer shares with its forget row's context (no L_r there)
+        self.shared_prefix_tokens = sum(r.get("shared", 0) for r in self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)

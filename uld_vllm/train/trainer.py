@@ -256,7 +256,8 @@ def run_training(cfg: UldTrainConfig, log=print) -> UldAdapter:
     _check_output(cfg)
     config = check_model(cfg.model, cfg.num_layers)
     data = build_data(cfg.forget, cfg.retain, paraphrase_csv=cfg.paraphrase_csv,
-                      perturbed_csv=cfg.perturbed_csv, max_retain=cfg.max_retain, log=log)
+                      perturbed_csv=cfg.perturbed_csv, max_retain=cfg.max_retain,
+                      mask_shared_prefix=cfg.mask_shared_prefix, log=log)
     precision, why = resolve_precision(cfg.precision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -365,7 +366,8 @@ def _train_log(cfg, trainer, stats, dataset, trainable, precision, why, formatte
     return {
         "config": cfg.to_dict(),
         "data": {**stats, "train_rows_forget": dataset.n_forget,
-                 "train_rows_retain": dataset.n_retain, "truncated_rows": dataset.truncated},
+                 "train_rows_retain": dataset.n_retain, "truncated_rows": dataset.truncated,
+                 "shared_prefix_tokens": dataset.shared_prefix_tokens},
         "prompt_format": formatter.description,
         "trainable_parameters": trainable,
         "precision": precision,
