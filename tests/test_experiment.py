@@ -171,14 +171,22 @@ def test_another_uld_option_redoes_only_the_uld_stage_and_the_report(experiment,
                                                                      shared_data, capsys):
     out, _ = experiment
     before = {s: (out / s / DONE).read_text() for s in STAGES}
+    # the defaults: paraphrases on the forget side, no perturbed answers, beta 1
+    train = json.loads((out / "uld" / "adapter" / "train_log.json").read_text())
+    assert train["data"]["paraphrase_rows"] > 0 and train["data"]["perturbed_rows"] == 0
+    assert train["config"]["retain_weight"] == 1
     capsys.readouterr()
-    assert main(_argv(tiny_llama, shared_data, out, "--uld-alpha", "0.5")) == 0
+    assert main(_argv(tiny_llama, shared_data, out, "--uld-alpha", "0.5", "--uld-augment",
+                      "none", "--uld-retain-weight", "2")) == 0
     log = capsys.readouterr().out
-    assert "differs in uld_alpha" in log
+    assert "differs in uld_alpha, uld_augment, uld_retain_weight" in log
     redone = {s for s in STAGES if (out / s / DONE).read_text() != before[s]}
     assert redone == {"uld", "report"}
     cfg = json.loads((out / "uld" / "eval" / "summary.json").read_text())
     assert cfg["uld_alpha"] == 0.5
+    train = json.loads((out / "uld" / "adapter" / "train_log.json").read_text())
+    assert train["data"]["paraphrase_rows"] == train["data"]["perturbed_rows"] == 0
+    assert train["config"]["retain_weight"] == 2
     # back to the first configuration: the ULD stage is redone again, the rest reused
     assert main(_argv(tiny_llama, shared_data, out)) == 0
     assert json.loads((out / "uld" / "eval" / "summary.json").read_text())["uld_alpha"] != 0.5
@@ -188,6 +196,8 @@ def test_another_uld_option_redoes_only_the_uld_stage_and_the_report(experiment,
     (["--methods", "uld,rmu"], "unknown method rmu"),
     (["--forget-split", "forget02"], "unknown forget split 'forget02'"),
     (["--retain-authors", "0"], "--retain-authors must be >= 1"),
+    (["--uld-retain-weight", "-1"], "--uld-retain-weight must be >= 0"),
+    (["--uld-augment", "all"], "--uld-augment 'all' is not one of both, paraphrase"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(extra, needle, tiny_llama,
                                                          shared_data, tmp_path, capsys):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from uld_vllm.core.hardware import cpu_has_native_bf16, slow_engine_dtype
-from uld_vllm.experiment.tofu_mini import _engine_on_every_core
-from uld_vllm.jobs.spec import warn_if_slow_dtype
+from uld_vllm.jobs.spec import engine_on_every_core, warn_if_slow_dtype
 
 AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
 AMX = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
@@ -58,7 +57,7 @@ def test_eval_binding_covers_every_core_and_is_restored(monkeypatch):
     monkeypatch.delenv(KEYS[0], raising=False)
     monkeypatch.setenv(KEYS[1], "1")  # a user's value comes back afterwards
     lines = []
-    with _engine_on_every_core(lines.append):
+    with engine_on_every_core(lines.append):
         cores = os.environ[KEYS[0]].split(",")
         assert sorted(int(c) for c in cores) == sorted(os.sched_getaffinity(0))
         assert os.environ[KEYS[1]] == "0"
@@ -69,6 +68,6 @@ def test_eval_binding_covers_every_core_and_is_restored(monkeypatch):
 def test_eval_binding_leaves_a_users_choice(monkeypatch):
     monkeypatch.setenv(KEYS[0], "0")
     monkeypatch.delenv(KEYS[1], raising=False)
-    with _engine_on_every_core(print):
+    with engine_on_every_core(print):
         assert os.environ[KEYS[0]] == "0" and KEYS[1] not in os.environ
     assert os.environ[KEYS[0]] == "0"

@@ -258,7 +258,7 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     from uld_vllm.core.models import fetch_model
     from uld_vllm.core.prompts import PromptFormatter
     from uld_vllm.eval.audit import collect
-    from uld_vllm.jobs.spec import shutdown
+    from uld_vllm.jobs.spec import engine_on_every_core, shutdown
     from uld_vllm.train import make_config, run_training
     from uld_vllm.train.curves import plot_convergence, read_train_log
 
@@ -285,7 +285,8 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     probe = list(dict.fromkeys(r["question"] for r in data["heldout"] + data["gk_eval"]))
     ask = list(dict.fromkeys(train_qs + probe))
     plan = audit_plan(data, AUDIT_PROBES if audit else ())
-    llm = vllm.LLM(model, **ENGINE)
+    with engine_on_every_core(_indent(log)):  # the engine is alone on the machine
+        llm = vllm.LLM(model, **ENGINE)
     try:
         target = dict(zip(train_qs, _answers(llm, [fmt.encode_prompt(q) for q in train_qs],
                                              TRAIN_ROW_TOKENS)))
@@ -319,7 +320,8 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
     import uld_vllm
 
     # the operator's own engine (policy 'any'): each rule of the table is a per-request key
-    llm = uld_vllm.LLM(model, uld_adapter=str(adapter.path), **ENGINE)
+    with engine_on_every_core(_indent(log)):
+        llm = uld_vllm.LLM(model, uld_adapter=str(adapter.path), **ENGINE)
     try:
         got = _answers_by_rule(llm, [fmt.encode_prompt(q) for q in probe], DEMO_RULES)
         by_rule = {name: dict(zip(probe, answers)) for name, answers in got.items()}
@@ -343,7 +345,8 @@ def run_demo(workdir: str | os.PathLike = "demo_out", *, data_dir: str | os.Path
         from uld_vllm.eval.audit_report import audit_summary_text, write_report
 
         # a server's default request policy: the bypass attempts must all be refused
-        llm, policy = build_uld_engine(model, str(adapter.path), **ENGINE)
+        with engine_on_every_core(_indent(log)):
+            llm, policy = build_uld_engine(model, str(adapter.path), **ENGINE)
         try:
             audit_uld = collect(plan, llm, "uld", policy=policy, log=_indent(log))
         finally:

@@ -33,11 +33,13 @@ layers); docs/tofu.md gives every choice and its reason:
   probability, enough for greedy decoding to recite it. TOFU fine-tunes Llama-2-7B for 5
   epochs at 1e-5; a 135 M model on 80 rows needs a larger step and more steps.
 * ULD: K = N/4 rounded half up (8 of 30), LoRA r 16 / alpha 32, lr 3e-3, batch 8, <= 10
-  epochs with the trainer's convergence stop (at lr 1e-3 and 5 epochs the assistant ended at
-  L_f 7.2 nats: it never learned the forget answers), beta 5, every retain row plus 2 perturbed
-  answers per forget question on the retain side, 1 paraphrased question x 2 paraphrased
-  answers per forget row on the forget side; decoding alpha 0.8, filter 0.01, and the rule
-  the adapter carries (the library's default: the gated above-uniform penalty).
+  epochs with the trainer's convergence stop, beta 1, every retain row on the retain side, the
+  forget rows plus 1 paraphrased question x 2 paraphrased answers per forget row on the forget
+  side (``--uld-augment paraphrase``). ULD's recipe (beta 5, plus 2 perturbed answers per
+  forget question on the retain side: ``--uld-retain-weight 5 --uld-augment both``) left the
+  assistant at L_f 4.4 after 10 epochs: it never learned the forget answers. Decoding alpha
+  0.8, filter 0.01, and the rule the adapter carries (the library's default: the gated
+  above-uniform penalty).
 * GA / GD / NPO: OpenUnlearning's TOFU recipe (batch 32, weight decay 0.01, one warm-up
   epoch, NPO beta 0.1, alpha = gamma = 1 with a retain NLL term) with two changes: the
   learning rate is the target's (OpenUnlearning unlearns at the rate its targets were
@@ -46,12 +48,12 @@ layers); docs/tofu.md gives every choice and its reason:
   CPU with avx512_bf16/AMX), else fp32 (an AVX2-only CPU emulates bf16, which is slower than
   fp32 there). Master weights and saved models stay float32.
 * eval: the first 40 rows of each split (all 40 of forget01), greedy, 200 new tokens, float32,
-  the CPU engine's worker bound to every core while it runs (``_engine_on_every_core``).
+  the CPU engine's worker bound to every core while it runs
+  (``uld_vllm.jobs.spec.engine_on_every_core``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -67,6 +69,7 @@ from uld_vllm.errors import UldError
 
 STAGES = ("data", "target", "retain", "uld", "ga", "gd", "npo", "report")
 METHODS = ("uld", "ga", "gd", "npo")
+AUGMENT = ("both", "paraphrase", "perturbed", "none")
 # the options each stage reads (beside what every stage reads: _COMMON), and the stages whose
 # output it builds on; the report reads everything
 _COMMON = ("model", "data_dir", "forget_split", "retain_authors", "max_forget_rows", "seed",
@@ -79,7 +82,8 @@ _UNLEARN = ("unlearn_epochs", "unlearn_lr", "batch_size", "micro_batch_size", "w
 STAGE_FIELDS = {
     "data": (), "target": _FINETUNE + _EVAL, "retain": _FINETUNE + _EVAL,
     "uld": ("uld_num_layers", "uld_epochs", "uld_lr", "uld_batch_size", "uld_micro_batch_size",
-            "uld_alpha", "uld_filter_ratio", "max_length") + _EVAL,
+            "uld_retain_weight", "uld_augment", "uld_alpha", "uld_filter_ratio",
+            "max_length") + _EVAL,
     **{m: _UNLEARN + _EVAL for m in ("ga", "gd", "npo")},
 }
 STAGE_DEPS = {"target": ("data",), "retain": ("data",),
@@ -128,6 +132,10 @@ class TofuMiniConfig:
     uld_lr: float = 3e-3
     uld_batch_size: int = 8
     uld_micro_batch_size: int = 8
+    # beta 1 and the paraphrases only: ULD's beta 5 and perturbed answers (the forget questions
+    # again, to be uniform on) kept the assistant from converging (docs/tofu.md)
+    uld_retain_weight: float = 1.0
+    uld_augment: str = "paraphrase"  # ULD's CSVs: paraphrases (forget side), perturbed (retain)
     uld_alpha: float = 0.8
     uld_filter_ratio: float = 0.01
     # eval
@@ -167,6 +175,10 @@ class TofuMiniConfig:
             (self.max_examples >= 1, "--max-examples must be >= 1", "e.g. 300"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1", "e.g. 200"),
             (self.uld_num_layers >= 0, "--uld-num-layers must be >= 0", "0 means N/4"),
+            (self.uld_retain_weight >= 0, "--uld-retain-weight must be >= 0", "e.g. 5"),
+            (self.uld_augment in AUGMENT,
+             f"--uld-augment {self.uld_augment!r} is not one of {', '.join(AUGMENT)}",
+             "use paraphrase (the default) or both (ULD's recipe)"),
             (self.micro_batch_size >= 1 and self.target_batch_size % self.micro_batch_size == 0
              and self.batch_size % self.micro_batch_size == 0,
              f"--target-batch-size {self.target_batch_size} and --batch-size {self.batch_size} "
@@ -188,7 +200,9 @@ class TofuMiniConfig:
                                             "retain_perturbed.jsonl")]
         if "uld" in self.methods:
             aug = data / "uld_aug" / "tofu" / self.forget_split
-            need += [aug / "paraphrase_res.csv", aug / "perturb_res.csv"]
+            need += [aug / name for name, used in (
+                ("paraphrase_res.csv", self.uld_augment in ("both", "paraphrase")),
+                ("perturb_res.csv", self.uld_augment in ("both", "perturbed"))) if used]
         missing = [str(p) for p in need if not p.is_file()]
         if missing:
             raise UldError(f"{missing[0]} does not exist",
@@ -287,7 +301,7 @@ class TofuMini:
     def _eval(self, folder: Path, model: Path, adapter: Path | None = None,
               reference: bool = True) -> dict:
         from uld_vllm.eval.tofu import tofu_eval
-        from uld_vllm.jobs.spec import EngineSpec
+        from uld_vllm.jobs.spec import EngineSpec, engine_on_every_core
 
         c = self.cfg
         uld = adapter is not None
@@ -296,7 +310,7 @@ class TofuMini:
                           {"dtype": c.eval_dtype, "max_model_len": c.max_model_len,
                            "enforce_eager": True})
         t0 = time.perf_counter()
-        with _engine_on_every_core(self._sub):
+        with engine_on_every_core(self._sub):
             summary = tofu_eval(
                 spec, folder / "eval", data_dir=Path(c.data_dir) / "tofu",
                 forget_split=c.forget_split, max_examples=c.max_examples,
@@ -361,12 +375,15 @@ class TofuMini:
         cfg = make_config(model=str(target), forget=str(self.out / "data" / "forget.jsonl"),
                           retain=str(self.out / "data" / "retain.jsonl"),
                           output_dir=str(folder / "adapter"), num_layers=k,
-                          paraphrase_csv=str(aug / "paraphrase_res.csv"),
-                          perturbed_csv=str(aug / "perturb_res.csv"),
+                          paraphrase_csv=(str(aug / "paraphrase_res.csv")
+                                          if c.uld_augment in ("both", "paraphrase") else None),
+                          perturbed_csv=(str(aug / "perturb_res.csv")
+                                         if c.uld_augment in ("both", "perturbed") else None),
                           num_train_epochs=c.uld_epochs, learning_rate=c.uld_lr,
                           per_device_train_batch_size=c.uld_micro_batch_size,
                           gradient_accumulation_steps=c.uld_batch_size // c.uld_micro_batch_size,
                           max_length=c.max_length, seed=c.seed, precision=self._precision(),
+                          retain_weight=c.uld_retain_weight,
                           alpha=c.uld_alpha, filter_ratio=c.uld_filter_ratio,
                           disable_tqdm=True)
         adapter = run_training(cfg, log=self._sub)
@@ -469,31 +486,6 @@ class TofuMini:
         summary = json.loads((self.out / "report" / "summary.json").read_text())
         self.log(f"wrote {self.out / 'report'} (this invocation {time.perf_counter() - t0:.0f} s)")
         return summary
-
-
-@contextlib.contextmanager
-def _engine_on_every_core(log):
-    """Bind a CPU engine's worker to every allowed core while one eval runs, then restore.
-
-    vLLM's default binding keeps cores for its front end: on this project's 2-core CPU the
-    worker got one. An eval is prefill-bound and its front end mostly waits, so here the worker
-    gets them all (same metrics, shorter eval). Nothing changes on a GPU or when the user set
-    ``VLLM_CPU_OMP_THREADS_BIND``."""
-    import torch
-
-    from uld_vllm.core.hardware import every_core_worker_env
-
-    env = every_core_worker_env()
-    bind = env["VLLM_CPU_OMP_THREADS_BIND"]
-    if torch.cuda.is_available() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ \
-            or "," not in bind:
-        yield
-        return
-    from uld_vllm.jobs.spec import environment
-
-    log(f"eval engine bound to cores {bind} (set VLLM_CPU_OMP_THREADS_BIND to choose)")
-    with environment(env):
-        yield
 
 
 def _num(v) -> str:
@@ -605,6 +597,9 @@ _HELP = {
     "uld_lr": "ULD LoRA learning rate",
     "uld_batch_size": "ULD rows per optimizer step",
     "uld_micro_batch_size": "ULD rows per forward pass",
+    "uld_retain_weight": "ULD beta: weight of L_r (uniform on retain rows) against L_f",
+    "uld_augment": "ULD's augmentation CSVs used: both, paraphrase (forget side), perturbed "
+                   "(retain side) or none",
     "uld_alpha": "ULD decoding weight",
     "uld_filter_ratio": "ULD plausibility-filter ratio",
     "max_examples": "eval: first N rows of each TOFU split",

@@ -138,6 +138,30 @@ def environment(env: dict[str, str]):
                 os.environ[k] = old
 
 
+@contextlib.contextmanager
+def engine_on_every_core(log):
+    """Bind the worker of a CPU engine started in the block to every allowed core; restored
+    afterwards.
+
+    vLLM's default binding keeps cores for its front end, which costs little on a many-core
+    machine but half the machine on a 2-core one (the worker got one core). A batch job's front
+    end mostly waits, so its worker gets them all: same outputs, shorter run. Nothing changes on
+    a GPU, on one core, or when the user set ``VLLM_CPU_OMP_THREADS_BIND``."""
+    import torch
+
+    from uld_vllm.core.hardware import every_core_worker_env
+
+    env = every_core_worker_env()
+    bind = env["VLLM_CPU_OMP_THREADS_BIND"]
+    if torch.cuda.is_available() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ \
+            or "," not in bind:
+        yield
+        return
+    log(f"engine bound to cores {bind} (set VLLM_CPU_OMP_THREADS_BIND to choose)")
+    with environment(env):
+        yield
+
+
 def shutdown(llm) -> None:
     """Stop vLLM's engine process now (its own cleanup waits for garbage collection)."""
     core = getattr(llm.llm_engine, "engine_core", None)
