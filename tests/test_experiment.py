@@ -12,14 +12,18 @@ import time
 import pytest
 
 from uld_vllm.cli import main
-from uld_vllm.experiment.tofu_mini import DONE, STAGES
+from uld_vllm.experiment.tofu_mini import DONE
+from uld_vllm.experiment.tofu_mini import STAGES as FIXED_STAGES
 
 TOY = ["--retain-authors", "1", "--max-forget-rows", "4", "--target-epochs", "1",
        "--target-batch-size", "4",
        "--unlearn-epochs", "1", "--uld-epochs", "1", "--batch-size", "4", "--micro-batch-size",
        "4", "--uld-batch-size", "8", "--uld-micro-batch-size", "8", "--warmup-epochs", "0",
        "--max-examples", "3", "--max-new-tokens", "8", "--max-length", "128",
-       "--max-model-len", "512", "--precision", "fp32"]
+       "--max-model-len", "512", "--precision", "fp32", "--uld-rules", "reference"]
+# one rule of --uld-rules beside the adapter's own: one more eval of the same adapter
+RULE_STAGE = "uld-rule-reference"
+STAGES = (*FIXED_STAGES[:-1], RULE_STAGE, FIXED_STAGES[-1])
 METHODS = ("target", "retain", "uld", "ga", "gd", "npo")
 ROW_FIELDS = {"forget_quality", "model_utility", "forget_rouge", "forget_probability",
               "forget_probability_plain", "retain_rouge", "train_s", "eval_s", "wall_s",
@@ -103,7 +107,7 @@ def test_report_fields(experiment):
     assert (rep / "fq_vs_mu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     s = json.loads((rep / "summary.json").read_text())
     assert set(s) == {"experiment", "fingerprint", "config", "precision", "data", "methods",
-                      "stages_wall_s", "total_wall_s_before_report", "goals"}
+                      "stages_wall_s", "total_wall_s_before_report", "goals", "uld_rules"}
     assert list(s["methods"]) == list(METHODS)
     for name, row in s["methods"].items():
         assert ROW_FIELDS <= set(row), name
@@ -130,7 +134,24 @@ def test_report_fields(experiment):
     assert s["total_wall_s_before_report"] == pytest.approx(sum(s["stages_wall_s"].values()),
                                                             abs=0.01)
     assert len(s["goals"]) == 9 and all({"goal", "value", "met"} == set(g) for g in s["goals"])
+    # the rules x metrics table: the adapter's own rule (the ULD stage) and the reference rule
+    adapters, ref = list(s["uld_rules"])
+    assert adapters == "adapter's (above_uniform, gate 1-3)" and ref == "reference"
+    assert s["uld_rules"][adapters]["forget_quality"] == s["methods"]["uld"]["forget_quality"]
+    for row in s["uld_rules"].values():
+        assert all(0.0 <= row[k] <= 1.0 for k in ("forget_quality", "model_utility",
+                                                   "forget_rouge", "retain_rouge"))
+    ev = json.loads((out / RULE_STAGE / "eval" / "summary.json").read_text())
+    assert ev["uld_rule"] == {"penalty": "logit", "gate": None}
+    assert ev["uld_adapter"] == str(out / "uld" / "adapter")
+    assert s["uld_rules"]["reference"]["forget_quality"] == ev["metrics"]["Forget Quality"]
+    # the rule reached the engine: the same adapter scores the forget answers otherwise
+    ref_loss = json.loads((out / RULE_STAGE / "eval" / "eval_log_forget.json").read_text())
+    own_loss = json.loads((out / "uld" / "eval" / "eval_log_forget.json").read_text())
+    assert ref_loss["avg_gt_loss"] != own_loss["avg_gt_loss"]
     md = (rep / "summary.md").read_text()
+    assert "| ULD rule | forget quality | model utility | utility / target's |" in md
+    assert "| reference |" in md
     assert "| method | forget quality | model utility | forget ROUGE | forget probability | " \
            "retain ROUGE | wall time (s) |" in md
     assert all(f"| {name} |" in md for name in METHODS)
@@ -181,7 +202,7 @@ def test_another_uld_option_redoes_only_the_uld_stage_and_the_report(experiment,
     log = capsys.readouterr().out
     assert "differs in uld_alpha, uld_augment, uld_retain_weight" in log
     redone = {s for s in STAGES if (out / s / DONE).read_text() != before[s]}
-    assert redone == {"uld", "report"}
+    assert redone == {"uld", RULE_STAGE, "report"}
     cfg = json.loads((out / "uld" / "eval" / "summary.json").read_text())
     assert cfg["uld_alpha"] == 0.5
     train = json.loads((out / "uld" / "adapter" / "train_log.json").read_text())
@@ -198,6 +219,9 @@ def test_another_uld_option_redoes_only_the_uld_stage_and_the_report(experiment,
     (["--retain-authors", "0"], "--retain-authors must be >= 1"),
     (["--uld-retain-weight", "-1"], "--uld-retain-weight must be >= 0"),
     (["--uld-augment", "all"], "--uld-augment 'all' is not one of both, paraphrase"),
+    (["--uld-rules", "paper"], "unknown decoding rule 'paper' in --uld-rules"),
+    (["--uld-rules", ","], "--uld-rules is empty"),
+    (["--methods", "ga", "--uld-rules", "reference"], "--methods leaves out uld"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(extra, needle, tiny_llama,
                                                          shared_data, tmp_path, capsys):

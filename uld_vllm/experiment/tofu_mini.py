@@ -19,7 +19,9 @@ model:
    ULD engine.
 5. ``ga``, ``gd``, ``npo``: ``uld_vllm.baselines`` on the target, each an HF folder evaluated
    by ``eval tofu``.
-6. ``report``: ``summary.md``, ``summary.json``, ``fq_vs_mu.png``, ``uld_convergence.png``
+6. ``uld-rule-<rule>``, one per rule of ``--uld-rules`` (``ULD_RULES``; default all): the ULD
+   adapter evaluated again under that decoding rule, for the rules x metrics table.
+7. ``report``: ``summary.md``, ``summary.json``, ``fq_vs_mu.png``, ``uld_convergence.png``
    and OpenUnlearning result files per method (``openunlearning/<method>/``), every method's
    forget quality against the retain model (the target's included).
 
@@ -88,11 +90,27 @@ STAGE_FIELDS = {
 }
 STAGE_DEPS = {"target": ("data",), "retain": ("data",),
               **{m: ("data", "target", "retain") for m in METHODS}}
+# the decoding rules `--uld-rules` evaluates beside the adapter's own (the library's default:
+# the above-uniform penalty behind the confidence gate), each one more eval of the ULD stage's
+# adapter on an engine given these settings: the rules x metrics table of the report
+ULD_RULES = {
+    "reference": {"penalty": "logit", "gate": None},  # the paper's rule
+    "logit-gated": {"penalty": "logit"},  # the paper's penalty behind the adapter's gate
+    "ungated": {"gate": None},  # the above-uniform penalty without the gate
+}
+RULE_PREFIX = "uld-rule-"  # a rule's stage (and folder): uld-rule-reference, ...
+_RULE_FIELDS = ("uld_alpha", "uld_filter_ratio") + _EVAL
+
+
+def rule_stage(rule: str) -> str:
+    return RULE_PREFIX + rule
 
 
 def _fields_of(stage: str) -> tuple:
     if stage == "report":  # everything (a stage's own result, the methods listed)
         return tuple(f.name for f in dataclasses.fields(TofuMiniConfig))
+    if stage.startswith(RULE_PREFIX):
+        return _COMMON + _RULE_FIELDS
     return _COMMON + STAGE_FIELDS[stage]
 DONE = ".done"
 EXPERIMENT_FILE = "experiment.json"
@@ -138,6 +156,7 @@ class TofuMiniConfig:
     uld_augment: str = "paraphrase"  # ULD's CSVs: paraphrases (forget side), perturbed (retain)
     uld_alpha: float = 0.8
     uld_filter_ratio: float = 0.01
+    uld_rules: tuple = tuple(ULD_RULES)  # names of ULD_RULES, each one more eval (~4 min)
     # eval
     max_examples: int = 40
     max_new_tokens: int = 200
@@ -147,6 +166,7 @@ class TofuMiniConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["methods"] = list(self.methods)
+        d["uld_rules"] = list(self.uld_rules)
         return d
 
     def fingerprint(self, stage: str | None = None) -> str:
@@ -154,9 +174,12 @@ class TofuMiniConfig:
         and the stages before it that it reads)."""
         d = self.to_dict()
         if stage is not None:
-            deps = STAGE_DEPS.get(stage, ())
+            rule = stage.startswith(RULE_PREFIX)
+            deps = ("data", "target", "retain", "uld") if rule else STAGE_DEPS.get(stage, ())
             d = {"stage": stage, **{k: d[k] for k in _fields_of(stage)},
                  "after": [self.fingerprint(s) for s in deps]}
+            if rule:  # what the rule's name stands for, should it ever change
+                d["rule"] = ULD_RULES[stage[len(RULE_PREFIX):]]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> TofuMiniConfig:
@@ -169,6 +192,13 @@ class TofuMiniConfig:
         if bad or not self.methods:
             raise UldError(f"unknown method {', '.join(bad) or '(none given)'}",
                            f"--methods takes a comma-separated subset of {', '.join(METHODS)}")
+        bad = [r for r in self.uld_rules if r not in ULD_RULES]
+        if bad:
+            raise UldError(f"unknown decoding rule {bad[0]!r} in --uld-rules",
+                           f"use a comma-separated subset of {', '.join(ULD_RULES)}, or none")
+        if self.uld_rules and "uld" not in self.methods:
+            raise UldError("--uld-rules evaluates the ULD adapter, but --methods leaves out uld",
+                           "add uld to --methods or pass --uld-rules none")
         checks = [
             (self.retain_authors >= 1, "--retain-authors must be >= 1", "e.g. 20"),
             (self.max_forget_rows >= 0, "--max-forget-rows must be >= 0", "0 means every row"),
@@ -299,7 +329,7 @@ class TofuMini:
             alpha=c.retain_weight, stop_loss=(c.target_stop_loss or None) if finetune else None)
 
     def _eval(self, folder: Path, model: Path, adapter: Path | None = None,
-              reference: bool = True) -> dict:
+              reference: bool = True, rule: dict | None = None) -> dict:
         from uld_vllm.eval.tofu import tofu_eval
         from uld_vllm.jobs.spec import EngineSpec, engine_on_every_core
 
@@ -308,7 +338,7 @@ class TofuMini:
         spec = EngineSpec(str(model), str(adapter) if uld else None,
                           c.uld_alpha if uld else None, c.uld_filter_ratio if uld else None,
                           {"dtype": c.eval_dtype, "max_model_len": c.max_model_len,
-                           "enforce_eager": True})
+                           "enforce_eager": True}, dict(rule or {}))
         t0 = time.perf_counter()
         with engine_on_every_core(self._sub):
             summary = tofu_eval(
@@ -394,6 +424,14 @@ class TofuMini:
                 "converged": conv.get("converged"), "forget_loss": conv.get("forget_loss"),
                 "retain_kl": conv.get("retain_kl"), **ev}
 
+    def _rule(self, name: str):
+        def run(folder: Path) -> dict:
+            rule = ULD_RULES[name]
+            return {"rule": rule, **self._eval(folder, self.out / "target" / "model",
+                                               adapter=self.out / "uld" / "adapter",
+                                               rule=rule)}
+        return run
+
     def _baseline(self, method: str):
         def run(folder: Path) -> dict:
             from uld_vllm.baselines.trainer import train_full
@@ -440,8 +478,15 @@ class TofuMini:
                 rows[name]["uld"] = {k: res.get(k) for k in ("num_layers", "of_layers",
                                                               "converged", "forget_loss",
                                                               "retain_kl")}
+        rules = {}
+        if "uld" in rows:  # the adapter's own rule first, then each of --uld-rules
+            conf = json.loads((self.out / "uld" / "adapter" / "uld_config.json").read_text())
+            rules[f"adapter's ({_rule_label(conf)})"] = _rule_row(rows["uld"]["metrics"])
+            for rule in self.cfg.uld_rules:
+                logs = M.load_log_dir(self.out / rule_stage(rule) / "eval")
+                rules[rule] = _rule_row(M.aggregate(logs, reference))
         stages = {}
-        for name in STAGES:
+        for name in self._stage_names():
             marker = self.out / name / DONE
             if marker.is_file():
                 stages[name] = json.loads(marker.read_text())["wall_s"]
@@ -451,13 +496,17 @@ class TofuMini:
                    "data": json.loads((self.out / "data" / DONE).read_text())["result"],
                    "methods": rows, "stages_wall_s": stages,
                    "total_wall_s_before_report": round(sum(stages.values()), 3),
-                   "goals": goals}
+                   "goals": goals, "uld_rules": rules}
         (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         table = summary_table(rows)
         lines = [f"# TOFU-mini ({self.cfg.forget_split}, {self.cfg.model})", "", table, "",
                  "Goals (measured, not asserted):", ""]
         lines += [f"- [{'met' if g['met'] else 'MISSED'}] {g['goal']}: {_num(g['value'])}"
                   for g in goals]
+        if rules:
+            lines += ["", f"ULD's adapter under each decoding rule (alpha {self.cfg.uld_alpha}, "
+                      f"filter ratio {self.cfg.uld_filter_ratio}; rules: {_RULES_DOC}):", "",
+                      rules_table(rules, rows["target"]["model_utility"])]
         lines += ["", "Stage wall times: " + ", ".join(f"{k} {v:.1f} s"
                                                        for k, v in stages.items())]
         (folder / "summary.md").write_text("\n".join(lines) + "\n")
@@ -468,11 +517,17 @@ class TofuMini:
             plot_convergence({"ULD assistant": read_train_log(self.out / "uld" / "adapter")},
                              folder / "uld_convergence.png")
         self.log(table)
+        if rules:
+            self.log(rules_table(rules, rows["target"]["model_utility"]))
         for g in goals:
             self.log(f"[{'met' if g['met'] else 'MISSED'}] {g['goal']}: {_num(g['value'])}")
         return {"methods": list(rows)}
 
     # ------------------------------------------------------------------ run
+    def _stage_names(self) -> list[str]:
+        return ["data", "target", "retain", *self.cfg.methods,
+                *(rule_stage(r) for r in self.cfg.uld_rules), "report"]
+
     def run(self) -> dict:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -480,6 +535,7 @@ class TofuMini:
         t0 = time.perf_counter()
         plan = [("data", self._data), ("target", self._target), ("retain", self._retain)]
         plan += [(m, self._uld if m == "uld" else self._baseline(m)) for m in self.cfg.methods]
+        plan += [(rule_stage(r), self._rule(r)) for r in self.cfg.uld_rules]
         plan.append(("report", self._report))
         for name, fn in plan:
             self._stage(name, fn)
@@ -542,6 +598,40 @@ def summary_table(rows: dict) -> str:
         cells = [name, _num(r["forget_quality"]), _num(r["model_utility"]),
                  _num(r["forget_rouge"]), _num(r["forget_probability"]),
                  _num(r["retain_rouge"]), f"{r['wall_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_RULES_DOC = "docs/rules.md"
+
+
+def _rule_label(conf: dict) -> str:
+    """The adapter's own rule in words, from its uld_config.json (an adapter older than the
+    rule's fields decodes with the defaults, as the engine does)."""
+    from uld_vllm.core.logits import DEFAULT_GATE, DEFAULT_PENALTY
+
+    gate = conf.get("gate", DEFAULT_GATE)
+    return f"{conf.get('penalty', DEFAULT_PENALTY)}, " + (
+        f"gate {gate[0]:g}-{gate[1]:g}" if gate else "no gate")
+
+
+def _rule_row(metrics: dict) -> dict:
+    return {"forget_quality": metrics["Forget Quality"], "model_utility": metrics["Model Utility"],
+            "forget_rouge": metrics["Forget ROUGE"],
+            "forget_probability": metrics["Forget Probability"],
+            "forget_truth_ratio": metrics.get("Forget Truth Ratio"),
+            "retain_rouge": metrics["Retain ROUGE"]}
+
+
+def rules_table(rules: dict, target_utility: float) -> str:
+    head = ("ULD rule", "forget quality", "model utility", "utility / target's",
+            "forget ROUGE", "forget probability", "retain ROUGE")
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name, r in rules.items():
+        ratio = r["model_utility"] / target_utility if target_utility else None
+        cells = [name, _num(r["forget_quality"]), _num(r["model_utility"]), _num(ratio),
+                 _num(r["forget_rouge"]), _num(r["forget_probability"]),
+                 _num(r["retain_rouge"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -624,8 +714,12 @@ def add_experiment_parser(sub) -> None:
                    help=f"forget01, forget05 or forget10 (default: {d.forget_split})")
     q.add_argument("--methods", default=",".join(d.methods),
                    help=f"comma-separated subset of {','.join(METHODS)}")
+    q.add_argument("--uld-rules", default=None,
+                   help="decoding rules to evaluate the ULD adapter with beside its own, each "
+                        f"one more eval: a comma-separated subset of {','.join(ULD_RULES)}, or "
+                        f"none (default: {','.join(d.uld_rules)} when uld is a method)")
     for f in dataclasses.fields(TofuMiniConfig):
-        if f.name in ("model", "data_dir", "forget_split", "methods"):
+        if f.name in ("model", "data_dir", "forget_split", "methods", "uld_rules"):
             continue
         q.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"{_HELP.get(f.name, '')} (default: {f.default})".lstrip())
@@ -634,10 +728,18 @@ def add_experiment_parser(sub) -> None:
 
 def config_from_args(a) -> TofuMiniConfig:
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(TofuMiniConfig)
-          if f.name != "methods"}
+          if f.name not in ("methods", "uld_rules")}
     kw["data_dir"] = str(Path(kw["data_dir"]).resolve())
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
-    return TofuMiniConfig(methods=methods, **kw)
+    if a.uld_rules is None:  # not given: every rule, where there is a ULD adapter to decode
+        rules = TofuMiniConfig.uld_rules if "uld" in methods else ()
+    elif a.uld_rules.strip() == "none":
+        rules = ()
+    else:
+        rules = tuple(r.strip() for r in a.uld_rules.split(",") if r.strip())
+        if not rules:
+            raise UldError("--uld-rules is empty", "name rules or pass none")
+    return TofuMiniConfig(methods=methods, uld_rules=rules, **kw)
 
 
 def run_experiment(a) -> None:
