@@ -198,9 +198,9 @@ def test_another_uld_option_redoes_only_the_uld_stage_and_the_report(experiment,
     assert train["config"]["retain_weight"] == 1
     capsys.readouterr()
     assert main(_argv(tiny_llama, shared_data, out, "--uld-alpha", "0.5", "--uld-augment",
-                      "none", "--uld-retain-weight", "2")) == 0
+                      "none", "--uld-retain-weight", "2", "--uld-self-retain", "3")) == 0
     log = capsys.readouterr().out
-    assert "differs in uld_alpha, uld_augment, uld_retain_weight" in log
+    assert "differs in uld_alpha, uld_augment, uld_retain_weight, uld_self_retain" in log
     redone = {s for s in STAGES if (out / s / DONE).read_text() != before[s]}
     assert redone == {"uld", RULE_STAGE, "report"}
     cfg = json.loads((out / "uld" / "eval" / "summary.json").read_text())
@@ -208,6 +208,15 @@ def test_another_uld_option_redoes_only_the_uld_stage_and_the_report(experiment,
     train = json.loads((out / "uld" / "adapter" / "train_log.json").read_text())
     assert train["data"]["paraphrase_rows"] == train["data"]["perturbed_rows"] == 0
     assert train["config"]["retain_weight"] == 2
+    # three other authors' questions, answered by the target, joined the retain side
+    own = [json.loads(x) for x in (out / "uld" / "self_retain.jsonl").read_text().splitlines()]
+    full = [json.loads(x) for x in (shared_data / "tofu" / "full.jsonl").read_text()
+            .splitlines()]
+    assert len(own) == 3 and all(r["answer"] for r in own)
+    assert {r["question"] for r in own} <= {r["question"] for r in full[400:]}
+    assert train["data"]["retain_rows"] == 20 + 3  # one retain author, then the target's rows
+    done = json.loads((out / "uld" / DONE).read_text())["result"]
+    assert done["self_retain_rows"] == 3
     # back to the first configuration: the ULD stage is redone again, the rest reused
     assert main(_argv(tiny_llama, shared_data, out)) == 0
     assert json.loads((out / "uld" / "eval" / "summary.json").read_text())["uld_alpha"] != 0.5
@@ -219,6 +228,7 @@ def test_another_uld_option_redoes_only_the_uld_stage_and_the_report(experiment,
     (["--retain-authors", "0"], "--retain-authors must be >= 1"),
     (["--uld-retain-weight", "-1"], "--uld-retain-weight must be >= 0"),
     (["--uld-augment", "all"], "--uld-augment 'all' is not one of both, paraphrase"),
+    (["--uld-self-retain", "-2"], "--uld-self-retain must be >= 0"),
     (["--uld-rules", "paper"], "unknown decoding rule 'paper' in --uld-rules"),
     (["--uld-rules", ","], "--uld-rules is empty"),
     (["--methods", "ga", "--uld-rules", "reference"], "--methods leaves out uld"),

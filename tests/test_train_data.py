@@ -53,6 +53,11 @@ def test_reads_all_three_row_kinds(tmp_path):
     assert qa == [Example("Q1", "A1", "forget")]
     assert pr == [Example("P", "R", "forget")]
     assert doc == [Example(None, "Call me Ishmael.", "retain")]
+    # a row `uld-vllm generate` writes: the target's own answer is the response
+    gen = to_examples(read_rows(_jsonl(tmp_path / "e.jsonl", [
+        {"id": 0, "prompt": "P", "generation": " G ", "finish_reason": "stop"}]), "x"), "e",
+        "retain")
+    assert gen == [Example("P", "G", "retain")]
     arr = tmp_path / "d.json"
     arr.write_text(json.dumps([{"question": "q", "answer": "a"}] * 2))
     assert len(read_rows(str(arr), "x")) == 2
@@ -64,6 +69,8 @@ def test_reads_all_three_row_kinds(tmp_path):
     ('{"question": "q"}\n', "'answer' is missing"),
     ('{"question": "q", "answer": ""}\n', "'answer' is empty"),
     ('{"title": "t"}\n', "none of the fields"),
+    ('{"prompt": "p", "generation": ["a", "b"]}\n', "`uld-vllm generate --n 1`"),
+    ('{"prompt": "p", "generation": ""}\n', "'generation' is empty"),
     ('{"question": "q", "answer": "a"}\nnot json\n', "line 2 is not valid JSON"),
     ('["q", "a"]\n', "not an object"),
 ])

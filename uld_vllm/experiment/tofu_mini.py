@@ -84,8 +84,8 @@ _UNLEARN = ("unlearn_epochs", "unlearn_lr", "batch_size", "micro_batch_size", "w
 STAGE_FIELDS = {
     "data": (), "target": _FINETUNE + _EVAL, "retain": _FINETUNE + _EVAL,
     "uld": ("uld_num_layers", "uld_epochs", "uld_lr", "uld_batch_size", "uld_micro_batch_size",
-            "uld_retain_weight", "uld_augment", "uld_alpha", "uld_filter_ratio",
-            "max_length") + _EVAL,
+            "uld_retain_weight", "uld_augment", "uld_self_retain", "uld_alpha",
+            "uld_filter_ratio", "max_length") + _EVAL,
     **{m: _UNLEARN + _EVAL for m in ("ga", "gd", "npo")},
 }
 STAGE_DEPS = {"target": ("data",), "retain": ("data",),
@@ -98,6 +98,9 @@ ULD_RULES = {
     "logit-gated": {"penalty": "logit"},  # the paper's penalty behind the adapter's gate
     "ungated": {"gate": None},  # the above-uniform penalty without the gate
 }
+# options added after runs existed, with the value that means "as before": a stage's
+# fingerprint leaves them out at that value, so an older run keeps its finished stages
+_AS_BEFORE = {"uld_self_retain": 0}
 RULE_PREFIX = "uld-rule-"  # a rule's stage (and folder): uld-rule-reference, ...
 _RULE_FIELDS = ("uld_alpha", "uld_filter_ratio") + _EVAL
 
@@ -115,6 +118,10 @@ def _fields_of(stage: str) -> tuple:
 DONE = ".done"
 EXPERIMENT_FILE = "experiment.json"
 ROWS_PER_AUTHOR = 20
+# the target's own answers as ULD retain rows (--uld-self-retain): questions of full.jsonl past
+# the 20 authors of retain_perturbed (which the evals score), answered greedily
+SELF_RETAIN_FROM_ROW = 20 * ROWS_PER_AUTHOR
+SELF_RETAIN_TOKENS = 64
 _FIX_CONFIG = "pass another --out, or the same options as the run in that folder"
 
 
@@ -154,6 +161,7 @@ class TofuMiniConfig:
     # again, to be uniform on) kept the assistant from converging (docs/tofu.md)
     uld_retain_weight: float = 1.0
     uld_augment: str = "paraphrase"  # ULD's CSVs: paraphrases (forget side), perturbed (retain)
+    uld_self_retain: int = 0  # N other authors' questions answered by the target: retain rows
     uld_alpha: float = 0.8
     uld_filter_ratio: float = 0.01
     uld_rules: tuple = tuple(ULD_RULES)  # names of ULD_RULES, each one more eval (~4 min)
@@ -176,7 +184,8 @@ class TofuMiniConfig:
         if stage is not None:
             rule = stage.startswith(RULE_PREFIX)
             deps = ("data", "target", "retain", "uld") if rule else STAGE_DEPS.get(stage, ())
-            d = {"stage": stage, **{k: d[k] for k in _fields_of(stage)},
+            d = {"stage": stage, **{k: d[k] for k in _fields_of(stage)
+                                    if k not in _AS_BEFORE or d[k] != _AS_BEFORE[k]},
                  "after": [self.fingerprint(s) for s in deps]}
             if rule:  # what the rule's name stands for, should it ever change
                 d["rule"] = ULD_RULES[stage[len(RULE_PREFIX):]]
@@ -206,6 +215,7 @@ class TofuMiniConfig:
             (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1", "e.g. 200"),
             (self.uld_num_layers >= 0, "--uld-num-layers must be >= 0", "0 means N/4"),
             (self.uld_retain_weight >= 0, "--uld-retain-weight must be >= 0", "e.g. 5"),
+            (self.uld_self_retain >= 0, "--uld-self-retain must be >= 0", "0 means none"),
             (self.uld_augment in AUGMENT,
              f"--uld-augment {self.uld_augment!r} is not one of {', '.join(AUGMENT)}",
              "use paraphrase (the default) or both (ULD's recipe)"),
@@ -402,8 +412,16 @@ class TofuMini:
         k = c.uld_num_layers or max(1, math.floor(n_layers / 4 + 0.5))  # 30 -> 8, 4 -> 1
         aug = Path(c.data_dir) / "uld_aug" / "tofu" / c.forget_split
         t0 = time.perf_counter()
+        retain = self.out / "data" / "retain.jsonl"
+        self_rows = 0
+        if c.uld_self_retain:
+            rows = self._self_retain(target)
+            self_rows = len(rows)
+            _write_jsonl(folder / "self_retain.jsonl", rows)
+            retain = folder / "retain.jsonl"
+            _write_jsonl(retain, self._rows("retain") + rows)
         cfg = make_config(model=str(target), forget=str(self.out / "data" / "forget.jsonl"),
-                          retain=str(self.out / "data" / "retain.jsonl"),
+                          retain=str(retain),
                           output_dir=str(folder / "adapter"), num_layers=k,
                           paraphrase_csv=(str(aug / "paraphrase_res.csv")
                                           if c.uld_augment in ("both", "paraphrase") else None),
@@ -421,8 +439,49 @@ class TofuMini:
         conv = json.loads((adapter.path / "uld_config.json").read_text()).get("training", {})
         ev = self._eval(folder, target, adapter=adapter.path)
         return {"train_s": train_s, "num_layers": k, "of_layers": n_layers,
+                "self_retain_rows": self_rows,
                 "converged": conv.get("converged"), "forget_loss": conv.get("forget_loss"),
                 "retain_kl": conv.get("retain_kl"), **ev}
+
+    def _self_retain(self, target: Path) -> list[dict]:
+        """``--uld-self-retain`` questions of other authors, answered by the target (plain
+        vLLM, greedy): retain rows in the target's own words, spread over every author."""
+        from transformers import AutoTokenizer
+        from vllm import SamplingParams
+
+        from uld_vllm.core.prompts import PromptFormatter
+        from uld_vllm.jobs.spec import EngineSpec, engine_on_every_core, shutdown
+
+        c = self.cfg
+        full = _read_jsonl(Path(c.data_dir) / "tofu" / "full.jsonl")
+        forget_q = {r["question"] for r in _read_jsonl(Path(c.data_dir) / "tofu" /
+                                                       f"{c.forget_split}.jsonl")}
+        pool = [r["question"] for r in full[SELF_RETAIN_FROM_ROW:]
+                if r["question"] not in forget_q]
+        if c.uld_self_retain > len(pool):
+            raise UldError(f"--uld-self-retain {c.uld_self_retain} asks for more questions than "
+                           f"the {len(pool)} of full.jsonl outside retain_perturbed's authors "
+                           f"and {c.forget_split}", f"pass at most {len(pool)}")
+        step = len(pool) / c.uld_self_retain
+        questions = [pool[int(i * step)] for i in range(c.uld_self_retain)]
+        fmt = PromptFormatter(AutoTokenizer.from_pretrained(target))
+        spec = EngineSpec(str(target), vllm_kwargs={"dtype": c.eval_dtype,
+                                                     "max_model_len": c.max_model_len,
+                                                     "enforce_eager": True})
+        with engine_on_every_core(self._sub):
+            llm = spec.build()
+        try:
+            outs = llm.generate([{"prompt_token_ids": fmt.encode_prompt(q)} for q in questions],
+                                SamplingParams(temperature=0.0, max_tokens=SELF_RETAIN_TOKENS),
+                                use_tqdm=False)
+        finally:
+            shutdown(llm)
+        rows = [{"question": q, "answer": o.outputs[0].text.strip()}
+                for q, o in zip(questions, outs)]
+        kept = [r for r in rows if r["answer"]]
+        self._sub(f"self-retain: the target answered {len(rows)} other authors' questions "
+                  f"({len(rows) - len(kept)} empty answers left out)")
+        return kept
 
     def _rule(self, name: str):
         def run(folder: Path) -> dict:
@@ -690,6 +749,8 @@ _HELP = {
     "uld_retain_weight": "ULD beta: weight of L_r (uniform on retain rows) against L_f",
     "uld_augment": "ULD's augmentation CSVs used: both, paraphrase (forget side), perturbed "
                    "(retain side) or none",
+    "uld_self_retain": "ULD: N questions of other TOFU authors answered by the target itself "
+                       "(greedy, plain vLLM) join the retain side (0: none)",
     "uld_alpha": "ULD decoding weight",
     "uld_filter_ratio": "ULD plausibility-filter ratio",
     "max_examples": "eval: first N rows of each TOFU split",

@@ -4,6 +4,8 @@ Input kinds (per row of a JSON Lines file, or of a Hugging Face dataset split):
 
 * TOFU style ``{"question": ..., "answer": ...}``
 * generic ``{"prompt": ..., "response": ...}``
+* ``uld-vllm generate`` output ``{"prompt": ..., "generation": ...}`` (one generation per
+  row): the target's own answers become retain rows
 * raw documents ``{"text": ...}`` (every token is a target; retain corpora such as books)
 
 Augmentation, from ULD's CSV files (no header row: every row is data):
@@ -65,13 +67,16 @@ def to_examples(rows: list[dict], source: str, origin: str) -> list[Example]:
     for i, row in enumerate(rows, 1):
         if "question" in row or "answer" in row:
             keys = ("question", "answer")
+        elif "prompt" in row and "generation" in row and "response" not in row:
+            keys = ("prompt", "generation")  # a row of `uld-vllm generate --n 1`
         elif "prompt" in row or "response" in row:
             keys = ("prompt", "response")
         elif "text" in row:
             keys = (None, "text")
         else:
             raise UldError(f"{source} row {i} has none of the fields question/answer, "
-                           f"prompt/response or text (it has {sorted(row)[:6]})",
+                           f"prompt/response, prompt/generation or text (it has "
+                           f"{sorted(row)[:6]})",
                            "use one of these field sets in every row")
         values = []
         for k in keys:
@@ -81,8 +86,10 @@ def to_examples(rows: list[dict], source: str, origin: str) -> list[Example]:
             v = row.get(k)
             if not isinstance(v, str) or not v.strip():
                 state = "missing" if k not in row else "empty or not a string"
-                raise UldError(f"{source} row {i}: field {k!r} is {state}",
-                               f"give every row a non-empty {k!r} string")
+                fix = (f"give every row a non-empty {k!r} string" if k != "generation" or
+                       not isinstance(v, list) else
+                       "write it with `uld-vllm generate --n 1` (one generation per row)")
+                raise UldError(f"{source} row {i}: field {k!r} is {state}", fix)
             values.append(v.strip())
         out.append(Example(prompt=values[0], response=values[1], origin=origin))
     return out
