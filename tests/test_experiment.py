@@ -169,6 +169,15 @@ def test_rerun_redoes_nothing_and_an_unfinished_stage_is_redone(experiment, tiny
     log = capsys.readouterr().out
     assert all(f"[{s}] finished earlier" in log for s in STAGES)
     assert {s: (out / s / DONE).read_text() for s in STAGES} == before
+    # a run from before --uld-self-retain existed (its experiment.json lacks the option) keeps
+    # every stage: the option's "none" is what such a run did
+    meta = json.loads((out / "experiment.json").read_text())
+    del meta["config"]["uld_self_retain"]
+    meta["fingerprint"] = "0" * 16
+    (out / "experiment.json").write_text(json.dumps(meta))
+    assert main(_argv(tiny_llama, shared_data, out)) == 0
+    log = capsys.readouterr().out
+    assert "differs" not in log and all(f"[{s}] finished earlier" in log for s in STAGES)
     # an interrupted report (no marker, a stray file) is redone from scratch, nothing else
     (out / "report" / DONE).unlink()
     (out / "report" / "stray.txt").write_text("half-written")

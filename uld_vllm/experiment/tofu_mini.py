@@ -285,9 +285,11 @@ class TofuMini:
             if old_fp == self.fp:
                 return
             new = self.cfg.to_dict()
-            diff = sorted(k for k in set(old_cfg) | set(new) if old_cfg.get(k) != new.get(k))
-            self.log(f"--out {self.out} holds a run that differs in {', '.join(diff)}: the "
-                     "stages that depend on them are redone")
+            diff = sorted(k for k in set(old_cfg) | set(new)
+                          if old_cfg.get(k, _AS_BEFORE.get(k)) != new.get(k))
+            if diff:
+                self.log(f"--out {self.out} holds a run that differs in {', '.join(diff)}: "
+                         "the stages that depend on them are redone")
         elif self.out.is_dir() and any(self.out.iterdir()):
             raise UldError(f"--out {self.out} is not empty and holds no {EXPERIMENT_FILE}",
                            "pass a new or empty folder")
