@@ -20,7 +20,8 @@ TOY = ["--retain-authors", "1", "--max-forget-rows", "4", "--target-epochs", "1"
        "--unlearn-epochs", "1", "--uld-epochs", "1", "--batch-size", "4", "--micro-batch-size",
        "4", "--uld-batch-size", "8", "--uld-micro-batch-size", "8", "--warmup-epochs", "0",
        "--max-examples", "3", "--max-new-tokens", "8", "--max-length", "128",
-       "--max-model-len", "512", "--precision", "fp32", "--uld-rules", "reference"]
+       "--max-model-len", "512", "--precision", "fp32", "--uld-rules", "reference",
+       "--uld-self-retain", "0"]
 # one rule of --uld-rules beside the adapter's own: one more eval of the same adapter
 RULE_STAGE = "uld-rule-reference"
 STAGES = (*FIXED_STAGES[:-1], RULE_STAGE, FIXED_STAGES[-1])
@@ -208,6 +209,7 @@ def test_another_uld_option_redoes_only_the_uld_stage_and_the_report(experiment,
     capsys.readouterr()
     assert main(_argv(tiny_llama, shared_data, out, "--uld-alpha", "0.5", "--uld-augment",
                       "none", "--uld-retain-weight", "2", "--uld-self-retain", "3")) == 0
+    # (the toy run passes --uld-self-retain 0: one engine fewer; the default is 200)
     log = capsys.readouterr().out
     assert "differs in uld_alpha, uld_augment, uld_retain_weight, uld_self_retain" in log
     redone = {s for s in STAGES if (out / s / DONE).read_text() != before[s]}

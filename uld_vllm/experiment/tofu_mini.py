@@ -37,11 +37,12 @@ layers); docs/tofu.md gives every choice and its reason:
 * ULD: K = N/4 rounded half up (8 of 30), LoRA r 16 / alpha 32, lr 3e-3, batch 8, <= 10
   epochs with the trainer's convergence stop, beta 1, every retain row on the retain side, the
   forget rows plus 1 paraphrased question x 2 paraphrased answers per forget row on the forget
-  side (``--uld-augment paraphrase``). ULD's recipe (beta 5, plus 2 perturbed answers per
-  forget question on the retain side: ``--uld-retain-weight 5 --uld-augment both``) left the
-  assistant at L_f 4.4 after 10 epochs: it never learned the forget answers. Decoding alpha
-  0.8, filter 0.01, and the rule the adapter carries (the library's default: the gated
-  above-uniform penalty).
+  side (``--uld-augment paraphrase``), and the target's own greedy answers to 200 questions of
+  other TOFU authors beside the retain rows (``--uld-self-retain``). ULD's recipe (beta 5,
+  plus 2 perturbed answers per forget question on the retain side: ``--uld-retain-weight 5
+  --uld-augment both``) left the assistant at L_f 4.4 after 10 epochs: it never learned the
+  forget answers. Decoding alpha 0.8, filter 0.01, and the rule the adapter carries (the
+  library's default: the gated above-uniform penalty); ``--uld-rules`` adds the other rules.
 * GA / GD / NPO: OpenUnlearning's TOFU recipe (batch 32, weight decay 0.01, one warm-up
   epoch, NPO beta 0.1, alpha = gamma = 1 with a retain NLL term) with two changes: the
   learning rate is the target's (OpenUnlearning unlearns at the rate its targets were
@@ -161,10 +162,12 @@ class TofuMiniConfig:
     # again, to be uniform on) kept the assistant from converging (docs/tofu.md)
     uld_retain_weight: float = 1.0
     uld_augment: str = "paraphrase"  # ULD's CSVs: paraphrases (forget side), perturbed (retain)
-    uld_self_retain: int = 0  # N other authors' questions answered by the target: retain rows
+    # the target's own answers to other authors' questions on the retain side: on forget01 they
+    # kept model utility at the target's, at some cost in forget quality (docs/tofu.md)
+    uld_self_retain: int = 200
     uld_alpha: float = 0.8
     uld_filter_ratio: float = 0.01
-    uld_rules: tuple = tuple(ULD_RULES)  # names of ULD_RULES, each one more eval (~4 min)
+    uld_rules: tuple = tuple(ULD_RULES)  # names of ULD_RULES, each one more eval
     # eval
     max_examples: int = 40
     max_new_tokens: int = 200
