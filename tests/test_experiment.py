@@ -265,6 +265,13 @@ def test_missing_data_and_foreign_folders_are_refused(tiny_llama, shared_data, t
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
+def test_the_reference_rule_is_the_engines():
+    from uld_vllm.engine.settings import RULES
+    from uld_vllm.experiment.tofu_mini import ULD_RULES
+
+    assert ULD_RULES["reference"] == RULES["reference"]
+
+
 def test_goals_compare_uld_with_the_baselines_that_stay_useful():
     from uld_vllm.experiment.tofu_mini import _goals
 

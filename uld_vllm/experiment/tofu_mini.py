@@ -95,7 +95,9 @@ STAGE_DEPS = {"target": ("data",), "retain": ("data",),
 # the above-uniform penalty behind the confidence gate), each one more eval of the ULD stage's
 # adapter on an engine given these settings: the rules x metrics table of the report
 ULD_RULES = {
-    "reference": {"penalty": "logit", "gate": None},  # the paper's rule
+    # the paper's rule: engine.settings.RULES["reference"] (not imported: it pulls in torch,
+    # and the command line builds this module's parser; tests/test_experiment.py compares them)
+    "reference": {"penalty": "logit", "gate": None},
     "logit-gated": {"penalty": "logit"},  # the paper's penalty behind the adapter's gate
     "ungated": {"gate": None},  # the above-uniform penalty without the gate
 }
@@ -544,8 +546,8 @@ class TofuMini:
                                                               "retain_kl")}
         rules = {}
         if "uld" in rows:  # the adapter's own rule first, then each of --uld-rules
-            conf = json.loads((self.out / "uld" / "adapter" / "uld_config.json").read_text())
-            rules[f"adapter's ({_rule_label(conf)})"] = _rule_row(rows["uld"]["metrics"])
+            label = _rule_label(self.out / "uld" / "adapter")
+            rules[f"adapter's ({label})"] = _rule_row(rows["uld"]["metrics"])
             for rule in self.cfg.uld_rules:
                 logs = M.load_log_dir(self.out / rule_stage(rule) / "eval")
                 rules[rule] = _rule_row(M.aggregate(logs, reference))
@@ -669,14 +671,13 @@ def summary_table(rows: dict) -> str:
 _RULES_DOC = "docs/rules.md"
 
 
-def _rule_label(conf: dict) -> str:
-    """The adapter's own rule in words, from its uld_config.json (an adapter older than the
-    rule's fields decodes with the defaults, as the engine does)."""
-    from uld_vllm.core.logits import DEFAULT_GATE, DEFAULT_PENALTY
+def _rule_label(adapter: Path) -> str:
+    """The adapter's own rule in words, as the engine reads it."""
+    from uld_vllm.core.adapter import load_adapter
 
-    gate = conf.get("gate", DEFAULT_GATE)
-    return f"{conf.get('penalty', DEFAULT_PENALTY)}, " + (
-        f"gate {gate[0]:g}-{gate[1]:g}" if gate else "no gate")
+    conf = load_adapter(adapter).config
+    return f"{conf.penalty}, " + (f"gate {conf.gate[0]:g}-{conf.gate[1]:g}" if conf.gate
+                                  else "no gate")
 
 
 def _rule_row(metrics: dict) -> dict:

@@ -86,9 +86,9 @@ def to_examples(rows: list[dict], source: str, origin: str) -> list[Example]:
             v = row.get(k)
             if not isinstance(v, str) or not v.strip():
                 state = "missing" if k not in row else "empty or not a string"
-                fix = (f"give every row a non-empty {k!r} string" if k != "generation" or
-                       not isinstance(v, list) else
-                       "write it with `uld-vllm generate --n 1` (one generation per row)")
+                fix = ("write it with `uld-vllm generate --n 1` (one generation per row)"
+                       if k == "generation" and isinstance(v, list)
+                       else f"give every row a non-empty {k!r} string")
                 raise UldError(f"{source} row {i}: field {k!r} is {state}", fix)
             values.append(v.strip())
         out.append(Example(prompt=values[0], response=values[1], origin=origin))
